@@ -1,0 +1,294 @@
+"""Vision Mamba (Vim), layer for layer and key for key as the official implementation (hustvl/Vim).
+
+Patch embedding -> class token(s) -> + position embedding -> Blocks (add -> RMSNorm -> bidirectional Mamba mixer,
+residual stream in fp32) -> add -> RMSNorm -> token selection -> linear head. The released models use bimamba v2 (a
+full second SSM branch on the flipped sequence, sharing in_proj and out_proj, outputs averaged) and a class token in
+the middle of the sequence. The paper's ablations (Tables 4 and 5) are constructor options:
+
+    bidirectional: none | sequence | block | ssm | ssm_conv      pool: mean | max | head | double | middle
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, lecun_normal_, trunc_normal_
+
+from vimexp import VimexpError
+from vimexp.ops import get_ops, resolve_kernel
+
+# the paper's bidirectional strategies -> (mixer variant, whole-sequence flip in training, paired blocks)
+BIDIRECTIONAL = {
+    "none": ("none", False, False),
+    "sequence": ("none", True, False),
+    "block": ("none", False, True),
+    "ssm": ("v1", False, False),
+    "ssm_conv": ("v2", False, False),
+}
+POOLS = ("mean", "max", "head", "double", "middle")
+
+
+class VimMixer(nn.Module):
+    """Mamba mixer with Vim's backward branch. bimamba: 'none' (unidirectional), 'v1' (extra backward scan with its own
+    A, sharing conv/x_proj/dt_proj/D) or 'v2' (a complete backward branch; only in_proj and out_proj are shared)."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, bimamba="v2", divide_out=True, kernel="torch",
+                 dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
+        super().__init__()
+        if bimamba not in ("none", "v1", "v2"):
+            raise VimexpError(f"unknown bimamba variant {bimamba!r}: choose none, v1 or v2")
+        self.bimamba, self.divide_out, self.kernel = bimamba, divide_out, kernel
+        d_inner = expand * d_model
+        self.d_state, self.dt_rank = d_state, math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d, self.x_proj, self.dt_proj = self._branch(d_inner, d_conv)
+        self.A_log = nn.Parameter(self._a_log_init(d_inner))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self._init_dt(self.dt_proj, dt_min, dt_max, dt_init_floor)
+        if bimamba in ("v1", "v2"):
+            self.A_b_log = nn.Parameter(self._a_log_init(d_inner))
+        if bimamba == "v2":
+            # dt_proj_b keeps PyTorch's default init; its bias is zeroed by the model init (official behaviour)
+            self.conv1d_b, self.x_proj_b, self.dt_proj_b = self._branch(d_inner, d_conv)
+            self.D_b = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def _branch(self, d_inner, d_conv):
+        conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
+        x_proj = nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        return conv, x_proj, nn.Linear(self.dt_rank, d_inner, bias=True)
+
+    def _a_log_init(self, d_inner):  # S4D-real: A = -(1..N) on every channel
+        return torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
+
+    def _init_dt(self, dt_proj, dt_min, dt_max, floor):
+        nn.init.uniform_(dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        with torch.no_grad():  # inverse softplus, so that softplus(bias) = dt
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_proj.bias._no_reinit = True
+
+    def _scan(self, x, z, conv, x_proj, dt_proj, A_log, D, ops, conv_out=None):
+        """One direction on channel-major (batch, E, L) inputs: causal conv + SiLU, input-dependent dt/B/C, scan, gate."""
+        if conv_out is None:
+            conv_out = ops.causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu")
+        x_dbl = F.linear(conv_out.transpose(1, 2), x_proj.weight)  # (batch, L, dt_rank + 2N)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2).contiguous()
+        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+        A = -torch.exp(A_log.float())
+        return ops.selective_scan(conv_out, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(),
+                                  delta_softplus=True)
+
+    def forward(self, hidden):
+        ops = get_ops(self.kernel)
+        batch, seqlen, dim = hidden.shape
+        # (2E, batch*L) -> (batch, 2E, L) view with the token axis contiguous, as the kernels want
+        xz = (self.in_proj.weight @ hidden.reshape(-1, dim).transpose(0, 1)).view(-1, batch, seqlen).transpose(0, 1)
+        x, z = xz.chunk(2, dim=1)
+        fwd = (self.conv1d, self.x_proj, self.dt_proj)
+        if self.bimamba == "v2":
+            xb, zb = xz.flip(-1).chunk(2, dim=1)
+            out = self._scan(x, z, *fwd, self.A_log, self.D, ops)
+            out_b = self._scan(xb, zb, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, ops)
+            out = out + out_b.flip(-1)
+            if self.divide_out:
+                out = out / 2
+        elif self.bimamba == "v1":  # the backward scan reuses the forward conv output, flipped
+            conv_out = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            out = self._scan(x, z, *fwd, self.A_log, self.D, ops, conv_out=conv_out)
+            out_b = self._scan(None, z.flip(-1), *fwd, self.A_b_log, self.D, ops, conv_out=conv_out.flip(-1))
+            out = out + out_b.flip(-1)
+        else:
+            out = self._scan(x, z, *fwd, self.A_log, self.D, ops)
+        return F.linear(out.transpose(1, 2), self.out_proj.weight)
+
+
+class RMSNorm(nn.Module):
+    """Weight-only RMSNorm; the computation (with the fused residual add) lives in vimexp.ops."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class Block(nn.Module):
+    """Add -> RMSNorm -> mixer. Carries the residual stream separately, in fp32, as the official fused kernels do."""
+
+    def __init__(self, dim, mixer, drop_path=0.0, eps=1e-5):
+        super().__init__()
+        self.mixer = mixer
+        self.norm = RMSNorm(dim, eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden, residual=None):
+        ops = get_ops(self.mixer.kernel)
+        hidden, residual = ops.rms_norm(self.drop_path(hidden) if residual is not None else hidden,
+                                        self.norm.weight, None, residual=residual, eps=self.norm.eps,
+                                        prenorm=True, residual_in_fp32=True)
+        return self.mixer(hidden), residual
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, embed_dim=192):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.grid_size = tuple((s - patch_size) // stride + 1 for s in self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise VimexpError(f"input is {tuple(x.shape[-2:])} px but the model was built for {self.img_size}: "
+                              "create it with img_size=... (load_checkpoint adapts pos_embed)")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionMamba(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, stride=16, depth=24, embed_dim=192, d_state=16, expand=2,
+                 in_chans=3, num_classes=1000, drop_rate=0.0, drop_path_rate=0.1, norm_eps=1e-5,
+                 bidirectional="ssm_conv", pool="middle", divide_out=True, flip_prob=0.5, kernel="auto"):
+        super().__init__()
+        if bidirectional not in BIDIRECTIONAL:
+            raise VimexpError(f"unknown bidirectional strategy {bidirectional!r}: choose one of {', '.join(BIDIRECTIONAL)}")
+        if pool not in POOLS:
+            raise VimexpError(f"unknown pool {pool!r}: choose one of {', '.join(POOLS)}")
+        bimamba, self.flip_sequence, self.paired_blocks = BIDIRECTIONAL[bidirectional]
+        if self.paired_blocks and depth % 2:
+            raise VimexpError(f"bidirectional='block' pairs layers: depth must be even, got {depth}")
+        self.kernel = resolve_kernel(kernel)
+        self.pool, self.flip_prob, self.num_classes, self.embed_dim = pool, flip_prob, num_classes, embed_dim
+        self.num_features = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.num_cls_tokens = {"head": 1, "middle": 1, "double": 2}.get(pool, 0)
+        if pool == "double":
+            self.cls_token_head = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            self.cls_token_tail = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        elif self.num_cls_tokens:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_cls_tokens, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        # block i drops the mixer output of block i-1, so mixer k is dropped at dpr[k] (the last one before norm_f)
+        dpr = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
+        self.layers = nn.ModuleList(
+            Block(embed_dim, VimMixer(embed_dim, d_state, expand=expand, bimamba=bimamba, divide_out=divide_out,
+                                      kernel=self.kernel), dpr[i], norm_eps)
+            for i in range(depth))
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RMSNorm(embed_dim, norm_eps)
+        self._init_weights(depth)
+
+    def _init_weights(self, depth):
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+        for name in ("pos_embed", "cls_token", "cls_token_head", "cls_token_tail"):
+            if hasattr(self, name):
+                trunc_normal_(getattr(self, name), std=0.02)
+        for module in self.modules():  # GPT-2 / Mamba style: zero biases (but dt_proj's), rescale out_proj
+            if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+                nn.init.zeros_(module.bias)
+            if isinstance(module, VimMixer):
+                nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    module.out_proj.weight /= math.sqrt(depth)
+
+    # ----- token layout
+    def cls_positions(self, num_patches=None) -> list[int]:
+        """Sequence indices of the class token(s) for a sequence of `num_patches` patches."""
+        m = self.patch_embed.num_patches if num_patches is None else num_patches
+        return {"head": [0], "middle": [m // 2], "double": [0, m + 1]}.get(self.pool, [])
+
+    def _tokens(self, x):
+        x = self.patch_embed(x)
+        batch, m = x.shape[:2]
+        if self.pool == "double":
+            x = torch.cat([self.cls_token_head.expand(batch, -1, -1), x, self.cls_token_tail.expand(batch, -1, -1)], 1)
+        elif self.pool == "head":
+            x = torch.cat([self.cls_token.expand(batch, -1, -1), x], 1)
+        elif self.pool == "middle":
+            x = torch.cat([x[:, : m // 2], self.cls_token.expand(batch, -1, -1), x[:, m // 2:]], 1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def _run_layers(self, x, out_indices=()):
+        """Run the blocks; returns (final normed tokens, {index: token state after that block})."""
+        flip = self.flip_sequence and self.training and torch.rand(()).item() < self.flip_prob
+        if flip:  # 'sequence' strategy: the whole sequence reversed, as data augmentation
+            x = x.flip(1)
+        hidden, residual, taken = x, None, {}
+        step = 2 if self.paired_blocks else 1
+        for i in range(0, len(self.layers), step):
+            if self.paired_blocks:  # 'block' strategy: layer 2i reads forward, layer 2i+1 backward, then summed
+                h_f, r_f = self.layers[i](hidden, residual)
+                h_b, r_b = self.layers[i + 1](hidden.flip(1), None if residual is None else residual.flip(1))
+                hidden, residual = h_f + h_b.flip(1), r_f + r_b.flip(1)
+            else:
+                hidden, residual = self.layers[i](hidden, residual)
+            for k in range(i, i + step):
+                if k in out_indices:
+                    taken[k] = (residual + hidden).flip(1) if flip else residual + hidden
+        ops = get_ops(self.kernel)
+        x = ops.rms_norm(self.drop_path(hidden), self.norm_f.weight, None, residual=residual, eps=self.norm_f.eps,
+                         prenorm=False, residual_in_fp32=True)
+        return (x.flip(1) if flip else x), taken
+
+    # ----- timm-style interface
+    def forward_features(self, x):
+        """Pooled features (batch, D); with pool='max' all tokens (batch, L, D), max-pooled after the head."""
+        x, _ = self._run_layers(self._tokens(x))
+        if self.pool in ("head", "middle"):
+            return x[:, self.cls_positions()[0]]
+        if self.pool == "double":
+            return (x[:, 0] + x[:, -1]) / 2
+        return x.mean(1) if self.pool == "mean" else x
+
+    def forward_head(self, x):
+        x = self.head(x)
+        return x.amax(1) if self.pool == "max" else x
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x, indices):
+        """Token states (residual + mixer output) after the blocks in `indices`, class tokens removed, as
+        (batch, D, H, W) maps for dense-prediction necks."""
+        _, taken = self._run_layers(self._tokens(x), out_indices=set(indices))
+        keep = [i for i in range(self.pos_embed.shape[1]) if i not in self.cls_positions()]
+        gh, gw = self.patch_embed.grid_size
+        return [taken[i][:, keep].transpose(1, 2).reshape(x.shape[0], -1, gh, gw) for i in indices]
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token", "cls_token_head", "cls_token_tail"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse=False):
+        """Layer ids for timm's layer-wise lr decay: embeddings 0, block i -> i + 1, norm_f and head last."""
+        return dict(stem=r"^cls_token|^cls_token_head|^cls_token_tail|^pos_embed|^patch_embed",
+                    blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
+
+    def resample_pos_embed(self, pos_embed: torch.Tensor) -> torch.Tensor:
+        """Fit a checkpoint's pos_embed (same class-token layout, any square grid) to this model: interpolate the
+        patch grid bicubically and keep each class-token row where this layout puts it."""
+        if pos_embed.shape == self.pos_embed.shape:
+            return pos_embed
+        src_m = pos_embed.shape[1] - self.num_cls_tokens
+        side = int(round(math.sqrt(src_m)))
+        if side * side != src_m:
+            raise VimexpError(f"checkpoint pos_embed has {pos_embed.shape[1]} rows: not a square grid plus "
+                              f"{self.num_cls_tokens} class token(s) of pool={self.pool!r}")
+        src_cls = self.cls_positions(src_m)
+        grid_rows = [i for i in range(pos_embed.shape[1]) if i not in src_cls]
+        grid = pos_embed[:, grid_rows].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=self.patch_embed.grid_size, mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
+        out = list(grid.unbind(1))
+        for pos, src in zip(self.cls_positions(), src_cls):  # ascending positions: insert in order
+            out.insert(pos, pos_embed[:, src])
+        return torch.stack(out, 1)

@@ -1,0 +1,44 @@
+"""Registered Vim variants: the released configurations (hustvl/Vim) and a small one for CPU runs."""
+from vimexp.models.registry import register_model
+from vimexp.models.vim import VisionMamba
+
+
+def _vim(embed_dim, stride=16, **kwargs):
+    return VisionMamba(**{"patch_size": 16, "stride": stride, "depth": 24, "embed_dim": embed_dim, **kwargs})
+
+
+@register_model
+def vim_ti(**kwargs):
+    return _vim(192, **kwargs)
+
+
+@register_model
+def vim_s(**kwargs):
+    return _vim(384, **kwargs)
+
+
+@register_model
+def vim_b(**kwargs):
+    return _vim(768, **kwargs)
+
+
+@register_model
+def vim_ti_stride8(**kwargs):
+    return _vim(192, stride=8, **kwargs)
+
+
+@register_model
+def vim_s_stride8(**kwargs):
+    return _vim(384, stride=8, **kwargs)
+
+
+@register_model
+def vim_b_stride8(**kwargs):
+    return _vim(768, stride=8, **kwargs)
+
+
+@register_model
+def vim_nano(**kwargs):
+    """A few-minute CPU model for the built-in 32 px dataset: 8x8 patches of 4 px, 6 layers of width 96."""
+    return VisionMamba(**{"img_size": 32, "patch_size": 4, "stride": 4, "depth": 6, "embed_dim": 96,
+                          "drop_path_rate": 0.0, **kwargs})

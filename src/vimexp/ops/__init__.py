@@ -1,0 +1,61 @@
+"""Kernels of the Vim mixer behind one switch: `cuda` (mamba-ssm + causal-conv1d) or `torch` (plain PyTorch, any device).
+
+Both paths take the same arguments as mamba-ssm's functions, so the model code is written once.
+"""
+import functools
+from types import SimpleNamespace
+
+import torch
+
+from vimexp import VimexpError
+from vimexp.ops.causal_conv import causal_conv1d_torch
+from vimexp.ops.norm import rms_norm_torch
+from vimexp.ops.selective_scan import selective_scan_torch
+
+KERNELS = ("auto", "cuda", "torch")
+
+
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """Why the cuda kernels can't run here, or None if they can."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    for module in ("mamba_ssm.ops.selective_scan_interface", "causal_conv1d", "mamba_ssm.ops.triton.layer_norm"):
+        try:
+            __import__(module)
+        except Exception as e:  # ImportError, or an extension built against another torch (undefined symbol)
+            return f"import {module} failed ({type(e).__name__}: {e})"
+    return None
+
+
+def resolve_kernel(kernel: str) -> str:
+    """'auto' -> 'cuda' when the GPU kernels import, else 'torch'; 'cuda' raises with the reason when they don't."""
+    if kernel not in KERNELS:
+        raise VimexpError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    if kernel == "torch":
+        return "torch"
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return "cuda"
+    if kernel == "cuda":
+        raise VimexpError(f"kernel='cuda' can't run: {reason}; use kernel=torch, or on a GPU machine "
+                          "`pip install -e '.[cuda]'`")
+    return "torch"
+
+
+@functools.cache
+def get_ops(kernel: str) -> SimpleNamespace:
+    """selective_scan, causal_conv1d and rms_norm for a resolved kernel name ('cuda' or 'torch')."""
+    if kernel == "torch":
+        return SimpleNamespace(selective_scan=selective_scan_torch, causal_conv1d=causal_conv1d_torch,
+                               rms_norm=rms_norm_torch)
+    from causal_conv1d import causal_conv1d_fn
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+
+    def causal_conv1d_cuda(x, weight, bias=None, activation=None):
+        # the kernel wants weight and bias in the activation dtype (bf16 under autocast)
+        return causal_conv1d_fn(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                                activation=activation)
+
+    return SimpleNamespace(selective_scan=selective_scan_fn, causal_conv1d=causal_conv1d_cuda, rms_norm=rms_norm_fn)
