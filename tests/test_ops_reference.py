@@ -357,6 +357,12 @@ def test_causal_conv1d_is_causal():
 # ----------------------------------------------------------------------------------------------
 
 
+# The official kernel (mamba_ssm triton layer_norm) loads x / residual and does all the normalisation math in
+# float32 whatever the input dtype, so for float64 inputs only float32-level agreement of the *normalised output*
+# is required (the residual sum itself must be exact when residual_in_fp32=False and everything is float64).
+RMS_F64_TOL = 1e-6
+
+
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("prenorm", [False, True])
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
@@ -370,27 +376,30 @@ def test_rms_norm_float64_matches_naive(with_residual, prenorm, eps):
     if prenorm:
         assert isinstance(got, tuple) and len(got) == 2
         out, r = got
+        assert r.dtype == torch.float64
         assert rel_err(r, ref_r) <= 1e-14
     else:
         assert isinstance(got, torch.Tensor)
         out = got
     assert out.shape == x.shape
-    assert rel_err(out, ref_out) <= 1e-12
+    assert out.dtype == torch.float64
+    e = rel_err(out, ref_out)
+    assert e <= RMS_F64_TOL, e
     gout = torch.randn(2, 7, 24, generator=g, dtype=torch.float64)
     leaves = [x, w] + ([res] if with_residual else [])
     g1 = torch.autograd.grad((out * gout).sum(), leaves)
     g2 = torch.autograd.grad((ref_out * gout).sum(), leaves)
     for a, r in zip(g1, g2):
-        assert rel_err(a, r) <= 1e-12
+        assert rel_err(a, r) <= RMS_F64_TOL
 
 
-def test_rms_norm_small_eps_effect():
-    """eps is added to mean(x^2) inside the sqrt (not to the rms)."""
+def test_rms_norm_eps_inside_sqrt():
+    """eps is added to mean(x^2) inside the sqrt (not to the rms): 1e-3/sqrt(1e-6+1e-5) = 0.3015 (vs 0.990)."""
     x = torch.full((1, 4), 1e-3, dtype=torch.float64)
     w = torch.ones(4, dtype=torch.float64)
     out = rms_norm_torch(x, w, eps=1e-5)
     expected = 1e-3 / math.sqrt(1e-6 + 1e-5)
-    assert torch.allclose(out, torch.full_like(out, expected), rtol=1e-12, atol=0)
+    assert torch.allclose(out, torch.full_like(out, expected), rtol=RMS_F64_TOL, atol=0)
 
 
 def test_rms_norm_residual_in_fp32_no_residual_bf16():

@@ -134,6 +134,8 @@ def make_scene(rng: np.random.Generator, size: int = 32, label: int | None = Non
         label = int(rng.integers(len(CLASSES)))
     if not 0 <= label < len(CLASSES):
         raise ValueError(f"label must be in [0, {len(CLASSES)}), got {label}")
+    if size < 16:  # below this the smallest shapes lose their defining details (holes, gaps)
+        raise ValueError(f"size must be >= 16, got {size}")
     img = _background(rng, size)
     objects: list[SceneObject] = []
     occupied = np.zeros((size, size), bool)

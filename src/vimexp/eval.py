@@ -1,0 +1,60 @@
+"""Evaluate a checkpoint: `python -m vimexp.eval ckpt_path=<file> [experiment=...] [model=...] [split=val]`.
+
+Takes a vimexp checkpoint (.ckpt, raw and EMA weights) or an official hustvl/Vim one (.pth: `model`, `model_ema`),
+adapting pos_embed to the configured resolution, and writes results.json like a training run.
+"""
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+
+from vimexp.models.checkpoint import adapt_pos_embed, check_compatible, extract_state_dict, read_checkpoint
+from vimexp.run import (CONF_DIR, build_datamodule, build_loggers, build_task, build_trainer, check_choices,
+                        one_line_errors, run_record, write_json)
+
+
+def load_weights(task, ckpt: dict):
+    """Raw weights into task.model, EMA weights (when the checkpoint has them) into task.ema."""
+    for net, use_ema in ((task.model, False), *(((task.ema.module, True),) if task.ema else ())):
+        sd = adapt_pos_embed(net, extract_state_dict(ckpt, use_ema))
+        check_compatible(net, sd)
+        net.load_state_dict(sd)
+
+
+def has_ema(ckpt: dict) -> bool:
+    if "state_dict" in ckpt:
+        return any(k.startswith("ema.module.") for k in ckpt["state_dict"])
+    return bool(ckpt.get("model_ema"))
+
+
+def evaluate(cfg) -> dict:
+    L.seed_everything(cfg.seed)
+    ckpt = read_checkpoint(cfg.ckpt_path)
+    task = build_task(cfg, ema_decay=cfg.task.ema_decay if has_ema(ckpt) else None)
+    load_weights(task, ckpt)
+    datamodule = build_datamodule(cfg, val_split=cfg.split)
+    trainer = build_trainer(cfg, loggers=build_loggers(cfg))
+    trainer.validate(task, datamodule=datamodule)
+    record = {**run_record(cfg, task, trainer), "ckpt_path": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split}
+    out = Path(cfg.paths.output_dir)
+    write_json(out / "results.json", record)
+    print(f"results in {out.resolve()}/results.json: " +
+          ", ".join(f"{k} {v:.2f}" for k, v in record["final"].items()))
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def _main(cfg):
+    with one_line_errors():
+        return evaluate(cfg)
+
+
+def main():
+    with one_line_errors():
+        check_choices(sys.argv[1:])
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""What train and eval share: config checks, building the pieces from a config, and the run record."""
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from importlib.util import find_spec
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
+
+from vimexp import VimexpError
+from vimexp.data.imagefolder import ImageFolderDataModule
+from vimexp.tasks.classification import ClassificationTask
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+OmegaConf.register_new_resolver("wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"), replace=True)
+
+
+def check_choices(argv: list[str]):
+    """Unknown config-group options (experiment=foo, ablation=a,b, ...) fail in one line, listing the choices."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
+        group = CONF_DIR / key
+        if not sep or "." in key or not group.is_dir() or "(" in value or value in ("null", ""):
+            continue
+        choices = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):
+            if option not in choices:
+                raise VimexpError(f"unknown {key} {option!r}: choose one of {', '.join(choices)}")
+
+
+@contextmanager
+def one_line_errors():
+    """Print a VimexpError (also one re-raised from a DataLoader worker) as one line and exit with status 2."""
+    try:
+        yield
+    except VimexpError as e:
+        print(f"error: {_last_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a VimexpError from a worker process comes back as another type, traceback in the text
+        if "VimexpError" not in str(e):
+            raise
+        print(f"error: {_last_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()  # one W&B run per Hydra job in multiruns
+
+
+def _last_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[-1].split("VimexpError: ", 1)[-1]
+
+
+def build_datamodule(cfg, **overrides) -> ImageFolderDataModule:
+    return ImageFolderDataModule(**{**OmegaConf.to_container(cfg.data, resolve=True), **overrides})
+
+
+def build_task(cfg, **overrides) -> ClassificationTask:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    return ClassificationTask(model=c["model"], optimizer=c["optimizer"], scheduler=c["scheduler"],
+                              num_classes=c["data"]["num_classes"], global_batch_size=c["data"]["batch_size"],
+                              **{**c["task"], **overrides})
+
+
+def build_loggers(cfg) -> list:
+    loggers = []
+    for name, conf in (cfg.get("logger") or {}).items():
+        if "WandbLogger" in conf.get("_target_", "") and find_spec("wandb") is None:
+            raise VimexpError("logger.wandb needs the wandb package: `pip install wandb`, or run with logger=csv")
+        loggers.append(instantiate(conf))
+    return loggers
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint beside its target and rename it into place: a crash never leaves a truncated file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+def build_trainer(cfg, callbacks=(), loggers=()) -> L.Trainer:
+    repeated_aug = cfg.data.get("repeated_aug", False)
+    return L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=list(callbacks),
+                     logger=list(loggers) or False, plugins=[AtomicCheckpointIO()],
+                     # RepeatAugSampler shards by itself under DDP (see the datamodule)
+                     use_distributed_sampler=not repeated_aug)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(CONF_DIR.parent), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def run_record(cfg, task: ClassificationTask, trainer: L.Trainer) -> dict:
+    """results.json: final and best top-1/top-5 of the raw and EMA weights, and what produced them."""
+    history = task.history
+    metrics = sorted({k for row in history for k in row if k != "epoch"})
+    wandb_ids = [lg.version for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+    return {
+        "run_name": cfg.run_name,
+        "experiment": HydraConfig.get().runtime.choices.get("experiment"),
+        "ablation": HydraConfig.get().runtime.choices.get("ablation"),
+        "overrides": list(HydraConfig.get().overrides.task),
+        "model": cfg.model.name,
+        "params": task.num_params,
+        "final": {k: history[-1].get(k) for k in metrics} if history else {},
+        "best": {k: max(row[k] for row in history if k in row) for k in metrics},
+        "epochs": len(history),
+        "train_img_per_sec": task.img_per_sec,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "precision": str(trainer.precision),
+        "git_commit": git_commit(),
+        "wandb_run_id": wandb_ids[0] if wandb_ids else None,
+        "output_dir": str(Path(cfg.paths.output_dir).resolve()),
+    }
+
+
+def write_json(path: Path, data: dict):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

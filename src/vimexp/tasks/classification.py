@@ -1,0 +1,118 @@
+"""Image classification as a LightningModule: DeiT's recipe (Mixup/CutMix, label smoothing, AdamW with no-decay
+groups, warmup + cosine per epoch, EMA evaluated beside the raw weights) around any registered backbone."""
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from vimexp.models import create_model
+
+
+class ClassificationTask(L.LightningModule):
+    def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
+                 mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
+                 mixup_mode: str = "batch", smoothing: float = 0.1, ema_decay: float | None = 0.99996):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(**model)
+        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                               mode=mixup_mode, label_smoothing=smoothing, num_classes=num_classes)
+        self.train_loss = MeanMetric()
+        self.val_acc = torch.nn.ModuleDict({
+            f"{w}_{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+            for w in (["raw", "ema"] if self.ema else ["raw"]) for k in (1, min(5, num_classes))})
+        self.history, self.img_per_sec, self._timer = [], None, None
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def forward(self, x):
+        return self.model(x)
+
+    # ----- training
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)  # soft targets, label smoothing folded in
+            loss = SoftTargetCrossEntropy()(self.model(images), targets)
+        else:
+            loss = F.cross_entropy(self.model(images), targets, label_smoothing=self.hparams.smoothing)
+        self.train_loss(loss)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    # ----- validation: raw and EMA weights
+    def validation_step(self, batch, batch_idx):
+        images, targets = batch
+        nets = {"raw": self.model, **({"ema": self.ema.module} if self.ema else {})}
+        for name, net in nets.items():
+            logits = net(images)
+            if name == "raw":
+                self.log("val/loss", F.cross_entropy(logits, targets), sync_dist=True)
+            for key, metric in self.val_acc.items():
+                if key.startswith(name):
+                    metric(logits, targets)
+
+    # ----- optimisation: DeiT's recipe through timm
+    def configure_optimizers(self):
+        o, s = self.hparams.optimizer, self.hparams.scheduler
+        lr = o["lr"] * self.hparams.global_batch_size / 512 if o.get("scale_lr", True) else o["lr"]
+        # no weight decay on 1-d params (norms, biases, D) and model.no_weight_decay(); 2-d A_log IS decayed (official)
+        optimizer = create_optimizer_v2(self.model, opt=o["name"], lr=lr, weight_decay=o["weight_decay"],
+                                        eps=o.get("eps", 1e-8), betas=tuple(o.get("betas", (0.9, 0.999))),
+                                        layer_decay=o.get("layer_decay"))
+        self.lr_schedule = CosineLRScheduler(optimizer, t_initial=s["epochs"], lr_min=s["min_lr"],
+                                             warmup_t=s["warmup_epochs"], warmup_lr_init=s["warmup_lr"])
+        return optimizer
+
+    def on_train_epoch_start(self):
+        # The lr of an epoch is a pure function of its index, so a resumed run gets it right without scheduler state.
+        # DeiT steps the schedule after each epoch with that epoch's index: epoch e > 0 runs at lr(e - 1).
+        self.lr_schedule.step(epoch=max(self.current_epoch - 1, 0))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self._timer = None
+
+    # ----- bookkeeping: validation history (for best-of-run results) and training throughput
+    def on_validation_epoch_end(self):
+        metrics = {}
+        for key, metric in self.val_acc.items():
+            name, k = key.split("_")
+            metrics[f"{'val' if name == 'raw' else 'val_ema'}/acc{1 if k == '1' else 5}"] = metric.compute().item() * 100
+            metric.reset()
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name == "val/acc1")
+        if not self.trainer.sanity_checking:
+            self.history.append({"epoch": self.current_epoch, **metrics})
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["val_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint):
+        self.history = checkpoint.get("val_history", [])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        if self._timer is None:  # start after the first batch: worker start-up and lazy initialisation excluded
+            self._timer = [time.perf_counter(), 0]
+        else:
+            self._timer[1] += batch[0].shape[0]
+
+    def on_train_epoch_end(self):
+        if self._timer and self._timer[1]:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.img_per_sec = self._timer[1] * self.trainer.world_size / (time.perf_counter() - self._timer[0])
+            self.log("train/img_per_sec", self.img_per_sec)

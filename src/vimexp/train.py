@@ -1,0 +1,73 @@
+"""Train a model: `python -m vimexp.train [experiment=...] [ablation=...] [key=value ...]` (see conf/train.yaml)."""
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+
+from vimexp import VimexpError
+from vimexp.models.checkpoint import check_compatible, read_checkpoint
+from vimexp.run import (CONF_DIR, build_datamodule, build_loggers, build_task, build_trainer, check_choices,
+                        one_line_errors, run_record, write_json)
+
+
+class EpochSeed(L.Callback):
+    """Reseed every RNG at each epoch start from (seed, epoch): data order, augmentation, mixup and drop path of an
+    epoch then don't depend on what ran before it, so a run resumed at an epoch boundary continues exactly."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        L.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
+
+
+def resolve_ckpt_path(cfg) -> str | None:
+    if cfg.ckpt_path != "last":
+        if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+            raise VimexpError(f"ckpt_path {cfg.ckpt_path} does not exist: pass a .ckpt file or ckpt_path=last")
+        return cfg.ckpt_path
+    runs = Path(cfg.paths.log_dir) / cfg.task_name / cfg.run_name
+    found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise VimexpError(f"ckpt_path=last: no last.ckpt under {runs}/*/checkpoints: nothing to resume for "
+                          f"run_name={cfg.run_name}")
+    print(f"resuming from {found[-1]}")
+    return str(found[-1])
+
+
+def train(cfg) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    task = build_task(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path:  # fail now, not after the data is set up, when the checkpoint is another model's
+        check_compatible(task, read_checkpoint(ckpt_path)["state_dict"])
+    datamodule = build_datamodule(cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [EpochSeed(cfg.seed)]
+    trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    record = run_record(cfg, task, trainer)
+    if trainer.is_global_zero:
+        write_json(out / "results.json", record)
+        best = record["best"].get("val/acc1")
+        print(f"results in {out.resolve()} (results.json, checkpoints/, metrics.csv)"
+              + (f": best val top-1 {best:.2f}%" if best is not None else ""))
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _main(cfg):
+    with one_line_errors():
+        return train(cfg)
+
+
+def main():
+    with one_line_errors():
+        check_choices(sys.argv[1:])
+    _main()
+
+
+if __name__ == "__main__":
+    main()

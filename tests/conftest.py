@@ -1,0 +1,41 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from vimexp.data.synthetic import ensure_imagefolder
+from vimexp.run import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = {"train_per_class": 8, "val_per_class": 4, "size": 32, "seed": 0}
+# a tiny Vim for fast CLI runs: 2 layers of width 32 on the built-in 32 px data
+TINY_RUN = ["++model.depth=2", "++model.embed_dim=32", "data.batch_size=16", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return ensure_imagefolder(tmp_path_factory.mktemp("data") / "shapes", **TINY_DATA)
+
+
+def data_overrides(root) -> list[str]:
+    return [f"data.root={root}", *(f"data.generate_params.{k}={v}" for k, v in TINY_DATA.items())]
+
+
+def compose_cfg(overrides, out_dir, config="train"):
+    """The real config, composed as the CLI would, with Hydra's runtime info set for in-process runs."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config, overrides=[*overrides, f"paths.output_dir={out_dir}", f"paths.log_dir={out_dir}/logs"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_cli(module, *args, cwd, env=None):
+    """Run `python -m vimexp.<module> args...` as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "WANDB_MODE": "offline", "VIMEXP_ROOT": str(cwd), **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"vimexp.{module}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)

@@ -1,0 +1,130 @@
+"""Registry, checkpoints (official and vimexp formats, pos-embed adaptation), baselines and the shared interface."""
+import pytest
+import torch
+from timm.optim import param_groups_layer_decay
+
+from vimexp import VimexpError
+from vimexp.models import create_model, list_models, load_checkpoint
+
+SMALL = dict(img_size=32, patch_size=8, stride=8, depth=4, embed_dim=32, num_classes=10, kernel="torch")
+
+
+def test_registry_names_and_unknown_name():
+    for name in ("vim_ti", "vim_s", "vim_b", "vim_ti_stride8", "vim_s_stride8", "vim_b_stride8", "deit_ti", "deit_s",
+                 "deit_b"):
+        assert name in list_models()
+    with pytest.raises(VimexpError, match="unknown model 'vim_xl'.*vim_ti"):
+        create_model("vim_xl")
+
+
+def test_forcing_cuda_without_gpu_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(VimexpError, match="kernel='cuda' can't run: torch sees no CUDA GPU"):
+        create_model("vim_ti", kernel="cuda")
+    assert create_model("vim_nano", kernel="auto").kernel == "torch"
+
+
+def test_stride8_geometry():
+    m = create_model("vim_ti_stride8", kernel="torch")
+    assert m.patch_embed.grid_size == (27, 27) and m.pos_embed.shape == (1, 730, 192) and m.cls_positions() == [364]
+
+
+def _official_file(tmp_path, model, ema=None):
+    path = tmp_path / "official.pth"
+    import argparse
+    torch.save({"model": model.state_dict(), "model_ema": (ema or model).state_dict(), "epoch": 299,
+                "args": argparse.Namespace(model="vim_tiny")}, path)
+    return path
+
+
+def test_official_checkpoint_loads_raw_and_ema(tmp_path):
+    src, ema = create_model("vim_nano", **SMALL), create_model("vim_nano", **SMALL)
+    path = _official_file(tmp_path, src, ema)
+    raw = load_checkpoint(create_model("vim_nano", **SMALL), path)
+    averaged = load_checkpoint(create_model("vim_nano", **SMALL), path, use_ema=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(raw.eval()(x), src.eval()(x), rtol=0, atol=0)
+        torch.testing.assert_close(averaged.eval()(x), ema.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pool", ["middle", "head", "double", "mean"])
+def test_pos_embed_resampling_keeps_class_tokens_in_place(pool, tmp_path):
+    src = create_model("vim_nano", **{**SMALL, "pool": pool})  # 4x4 grid
+    path = _official_file(tmp_path, src)
+    dst = load_checkpoint(create_model("vim_nano", **{**SMALL, "pool": pool, "img_size": 64}), path)  # 8x8 grid
+    assert dst.pos_embed.shape[1] == 64 + dst.num_cls_tokens
+    for s, d in zip(src.cls_positions(), dst.cls_positions()):  # class-token rows moved, unchanged
+        torch.testing.assert_close(dst.pos_embed[0, d], src.pos_embed[0, s])
+    # the grid rows are a bicubic upsampling of the source grid: same mean, corners close to the source corners
+    keep = [i for i in range(dst.pos_embed.shape[1]) if i not in dst.cls_positions()]
+    src_keep = [i for i in range(src.pos_embed.shape[1]) if i not in src.cls_positions()]
+    assert torch.allclose(dst.pos_embed[0, keep].mean(0), src.pos_embed[0, src_keep].mean(0), atol=5e-3)
+
+
+def test_vim_s_from_224_checkpoint_runs_at_448(tmp_path):
+    """The README's recipe: build vim_s at 448 px, load a 224 px checkpoint, run."""
+    path = _official_file(tmp_path, create_model("vim_s", kernel="torch", depth=2))
+    model = load_checkpoint(create_model("vim_s", img_size=448, kernel="torch", depth=2), path).eval()
+    assert model.pos_embed.shape == (1, 28 * 28 + 1, 384) and model.cls_positions() == [392]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 448, 448)).shape == (1, 1000)
+
+
+def test_mismatched_checkpoint_names_the_key_and_shapes(tmp_path):
+    path = _official_file(tmp_path, create_model("vim_nano", **SMALL))
+    with pytest.raises(VimexpError, match=r"'layers\.0\.mixer\.in_proj\.weight' is \[128, 32\] in the checkpoint but "
+                                          r"\[256, 64\] in the model"):
+        load_checkpoint(create_model("vim_nano", **{**SMALL, "embed_dim": 64}), path)
+    with pytest.raises(VimexpError, match="key 'layers.0.mixer.A_b_log' is missing"):
+        load_checkpoint(create_model("vim_nano", **SMALL), _official_file(
+            tmp_path, create_model("vim_nano", **{**SMALL, "bidirectional": "none"})))
+    (tmp_path / "broken.pth").write_bytes(b"\x00" * 10)
+    with pytest.raises(VimexpError, match="can't be read"):
+        load_checkpoint(create_model("vim_nano", **SMALL), tmp_path / "broken.pth")
+
+
+def test_deit_attention_switch_changes_kernel_not_numbers():
+    torch.manual_seed(0)
+    eager = create_model("deit_ti", attn="eager", img_size=64, depth=2).eval()
+    fused = create_model("deit_ti", attn="sdpa", img_size=64, depth=2).eval()
+    fused.load_state_dict(eager.state_dict())
+    assert not eager.blocks[0].attn.fused_attn and fused.blocks[0].attn.fused_attn
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vim_nano", "deit_nano"])
+def test_shared_interface(name):
+    model = create_model(name, num_classes=10)
+    assert "pos_embed" in model.no_weight_decay()
+    groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=0.5)
+    scales = {round(g["lr_scale"], 6) for g in groups}
+    assert len(scales) == 6 + 2  # embeddings, one per block, then norm + head
+    maps = model.forward_intermediates(torch.randn(2, 3, 32, 32), indices=[1, 5], intermediates_only=True) \
+        if name == "deit_nano" else model.forward_intermediates(torch.randn(2, 3, 32, 32), indices=[1, 5])
+    grid = 32 // model.patch_embed.proj.kernel_size[0]
+    assert [tuple(m.shape) for m in maps] == [(2, model.embed_dim, grid, grid)] * 2
+
+
+def test_vim_layer_ids_follow_the_official_det_mapping():
+    model = create_model("vim_nano", num_classes=10)
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
+    by_name = {n: g["lr_scale"] for g in groups for n in g["param_names"]} if "param_names" in groups[0] else None
+    if by_name is None:
+        pytest.skip("this timm does not report parameter names per group")
+    assert by_name["pos_embed"] == pytest.approx(0.5 ** 7)
+    assert by_name["layers.0.mixer.in_proj.weight"] == pytest.approx(0.5 ** 6)
+    assert by_name["head.weight"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bidirectional", ["none", "sequence", "block", "ssm", "ssm_conv"])
+@pytest.mark.parametrize("pool", ["mean", "max", "head", "double", "middle"])
+def test_every_ablation_variant_trains(bidirectional, pool):
+    model = create_model("vim_nano", **{**SMALL, "bidirectional": bidirectional, "pool": pool}).train()
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())

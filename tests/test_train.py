@@ -1,0 +1,79 @@
+"""The framework through its real configs and CLI: every experiment runs, runs leave a full record, resume is exact."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, compose_cfg, data_overrides, run_cli
+from vimexp.run import CONF_DIR
+from vimexp.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_runs_a_step(experiment, tiny_data, tmp_path):
+    tiny_model = ["++model.depth=2", "++model.embed_dim=48"]
+    cfg = compose_cfg([f"experiment={experiment}", "debug=fdr", *data_overrides(tiny_data), "data.num_classes=10",
+                       "data.img_size=32", "data.batch_size=4", "data.num_workers=0", *tiny_model], tmp_path)
+    record = train(cfg)
+    assert record["experiment"] == experiment
+    assert record["model"] == cfg.model.name
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_paper_recipe_is_in_the_experiment(tmp_path):
+    cfg = compose_cfg(["experiment=imagenet_vim_ti", "data.root=/imagenet"], tmp_path)
+    assert cfg.data.batch_size == 1024 and cfg.optimizer.lr * cfg.data.batch_size / 512 == pytest.approx(1e-3)
+    assert (cfg.optimizer.weight_decay, cfg.model.drop_path_rate, cfg.trainer.max_epochs) == (0.1, 0.0, 300)
+    assert cfg.data.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.re_prob == 0.25 and cfg.data.repeated_aug
+    assert (cfg.task.mixup, cfg.task.cutmix, cfg.task.smoothing, cfg.task.ema_decay) == (0.8, 1.0, 0.1, 0.99996)
+    assert (cfg.scheduler.warmup_epochs, cfg.scheduler.warmup_lr, cfg.scheduler.min_lr) == (5, 1e-6, 1e-5)
+    assert cfg.trainer.precision == "32-true" and cfg.data.crop_pct == 0.875
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    common = ["logger=csv", *data_overrides(tiny_data), *TINY_RUN, "trainer.limit_val_batches=1",
+              "scheduler.epochs=2", "task.mixup=0.8", "task.cutmix=1.0", "++model.drop_path_rate=0.1",
+              "data.auto_augment=rand-m9-mstd0.5-inc1", "data.re_prob=0.25"]
+    train(compose_cfg([*common, "trainer.max_epochs=2"], tmp_path / "straight"))
+    train(compose_cfg([*common, "trainer.max_epochs=1"], tmp_path / "first"))
+    resumed = compose_cfg([*common, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}"],
+                          tmp_path / "resumed")
+    record = train(resumed)
+    straight, again = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert straight.keys() == again.keys() and any(k.startswith("ema.") for k in straight)
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0, msg=key)
+    assert record["epochs"] == 2  # history carried over from the first half
+    straight_results = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert record["final"] == straight_results["final"]
+
+
+def test_cli_run_leaves_a_complete_record_and_eval_reproduces_it(tiny_data, tmp_path):
+    run = run_cli("train", "debug=limit", "logger=default", *data_overrides(tiny_data), *TINY_RUN,
+                  "run_name=cli_test", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = next((tmp_path / "logs" / "debug" / "cli_test").iterdir())
+    assert f"results in {run_dir.resolve()}" in run.stdout
+    results = json.loads((run_dir / "results.json").read_text())
+    for key in ("final", "best", "params", "train_img_per_sec", "overrides", "git_commit", "experiment", "wandb_run_id"):
+        assert key in results, key
+    assert set(results["final"]) == {"val/acc1", "val/acc5", "val_ema/acc1", "val_ema/acc5"}
+    assert results["experiment"] == "builtin" and results["epochs"] == 2 and results["wandb_run_id"]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "metrics.csv").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+
+    ev = run_cli("eval", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", *data_overrides(tiny_data),
+                 *TINY_RUN, "trainer.limit_val_batches=2", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    eval_dir = next((tmp_path / "logs" / "eval").glob("*/*"))
+    evaluated = json.loads((eval_dir / "results.json").read_text())
+    for key, value in results["final"].items():  # same weights, same val batches -> same accuracy
+        assert evaluated["final"][key] == pytest.approx(value, abs=1e-6), key
