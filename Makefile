@@ -1,6 +1,6 @@
 # make help: list targets
 PY ?= python
-.PHONY: help install train test test-all gpu-test clean-logs
+.PHONY: help install train test gpu-test gpu-prepare clean-logs
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,3 +20,7 @@ gpu-test:  ## on a CUDA machine with mamba-ssm: GPU tests, cuda-vs-torch compari
 
 clean-logs:  ## remove run directories
 	rm -rf logs
+
+gpu-prepare:  ## here, before a device call: stage the kernel bundle and pytest into .device/
+	bash ../shared/device/prepare.sh
+	$(PY) -m pip download -q --no-deps -d .device/wheels pytest pluggy iniconfig pygments

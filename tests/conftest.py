@@ -22,7 +22,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def data_overrides(root) -> list[str]:
-    return [f"data.root={root}", *(f"data.generate_params.{k}={v}" for k, v in TINY_DATA.items())]
+    params = ",".join(f"{k}:{v}" for k, v in TINY_DATA.items())
+    return [f"data.root={root}", f"data.generate_params={{{params}}}"]
 
 
 def compose_cfg(overrides, out_dir, config="train"):

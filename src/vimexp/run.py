@@ -59,11 +59,11 @@ def _last_line(e: Exception) -> str:
 
 
 def build_datamodule(cfg, **overrides) -> ImageFolderDataModule:
-    return ImageFolderDataModule(**{**OmegaConf.to_container(cfg.data, resolve=True), **overrides})
+    return ImageFolderDataModule(**{**OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed, **overrides})
 
 
 def build_task(cfg, **overrides) -> ClassificationTask:
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "optimizer", "scheduler", "data", "task")}
     return ClassificationTask(model=c["model"], optimizer=c["optimizer"], scheduler=c["scheduler"],
                               num_classes=c["data"]["num_classes"], global_batch_size=c["data"]["batch_size"],
                               **{**c["task"], **overrides})

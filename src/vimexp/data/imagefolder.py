@@ -11,6 +11,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vimexp import VimexpError
+from vimexp.data import compat  # noqa: F401  (RandAugment on current Pillow)
 from vimexp.data.synthetic import ensure_imagefolder
 
 
@@ -63,7 +64,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                  generate_params=None, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, re_prob=0.25,
                  re_mode="pixel", re_count=1, hflip=0.5, scale=(0.08, 1.0), interpolation="bicubic",
                  crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), repeated_aug=True,
-                 pin_memory=True, val_split="val"):
+                 pin_memory=True, val_split="val", seed=0):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
@@ -102,7 +103,9 @@ class ImageFolderDataModule(L.LightningDataModule):
                           drop_last=train, persistent_workers=False)
 
     def train_dataloader(self):
-        sampler = None
+        # an order that depends on (seed, epoch) only, whatever ran before: a resumed run sees the same batches
+        sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=True,
+                                                      seed=self.hparams.seed, drop_last=True)
         if self.hparams.repeated_aug and self.trainer is not None and self.trainer.world_size > 1:
             # DeiT's repeated augmentation (distributed only); the trainer is built with use_distributed_sampler=False
             sampler = RepeatAugSampler(self.train_set, num_replicas=self.trainer.world_size,

@@ -4,37 +4,38 @@ from vimexp.models.vim import VisionMamba
 
 
 def _vim(embed_dim, stride=16, **kwargs):
+    """The released layout (patch 16, 24 layers); keyword overrides win, including embed_dim and stride."""
     return VisionMamba(**{"patch_size": 16, "stride": stride, "depth": 24, "embed_dim": embed_dim, **kwargs})
 
 
 @register_model
 def vim_ti(**kwargs):
-    return _vim(192, **kwargs)
+    return _vim(**{"embed_dim": 192, **kwargs})
 
 
 @register_model
 def vim_s(**kwargs):
-    return _vim(384, **kwargs)
+    return _vim(**{"embed_dim": 384, **kwargs})
 
 
 @register_model
 def vim_b(**kwargs):
-    return _vim(768, **kwargs)
+    return _vim(**{"embed_dim": 768, **kwargs})
 
 
 @register_model
 def vim_ti_stride8(**kwargs):
-    return _vim(192, stride=8, **kwargs)
+    return _vim(**{"embed_dim": 192, "stride": 8, **kwargs})
 
 
 @register_model
 def vim_s_stride8(**kwargs):
-    return _vim(384, stride=8, **kwargs)
+    return _vim(**{"embed_dim": 384, "stride": 8, **kwargs})
 
 
 @register_model
 def vim_b_stride8(**kwargs):
-    return _vim(768, stride=8, **kwargs)
+    return _vim(**{"embed_dim": 768, "stride": 8, **kwargs})
 
 
 @register_model
