@@ -3,15 +3,12 @@
 Takes a vimexp checkpoint (.ckpt, raw and EMA weights) or an official hustvl/Vim one (.pth: `model`, `model_ema`),
 adapting pos_embed to the configured resolution, and writes results.json like a training run.
 """
-import sys
 from pathlib import Path
 
-import hydra
 import lightning as L
 
 from vimexp.models.checkpoint import adapt_pos_embed, check_compatible, extract_state_dict, read_checkpoint
-from vimexp.run import (CONF_DIR, build_datamodule, build_loggers, build_task, build_trainer, check_choices,
-                        one_line_errors, run_record, write_json)
+from vimexp.run import build_datamodule, build_loggers, build_task, build_trainer, cli, run_record, write_json
 
 
 def load_weights(task, ckpt: dict):
@@ -44,16 +41,8 @@ def evaluate(cfg) -> dict:
     return record
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def _main(cfg):
-    with one_line_errors():
-        return evaluate(cfg)
-
-
 def main():
-    with one_line_errors():
-        check_choices(sys.argv[1:])
-    _main()
+    cli(evaluate, "eval")
 
 
 if __name__ == "__main__":

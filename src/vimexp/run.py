@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
+import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -134,3 +135,15 @@ def write_json(path: Path, data: dict):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def cli(run_fn, config_name: str):
+    """`python -m vimexp.<name>`: config choices checked up front, the Hydra job run, user errors as one line."""
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def _main(cfg):
+        with one_line_errors():
+            return run_fn(cfg)
+
+    with one_line_errors():
+        check_choices(sys.argv[1:])
+    _main()

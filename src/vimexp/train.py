@@ -1,15 +1,12 @@
 """Train a model: `python -m vimexp.train [experiment=...] [ablation=...] [key=value ...]` (see conf/train.yaml)."""
-import sys
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 
 from vimexp import VimexpError
 from vimexp.models.checkpoint import check_compatible, read_checkpoint
-from vimexp.run import (CONF_DIR, build_datamodule, build_loggers, build_task, build_trainer, check_choices,
-                        one_line_errors, run_record, write_json)
+from vimexp.run import build_datamodule, build_loggers, build_task, build_trainer, cli, run_record, write_json
 
 
 class EpochSeed(L.Callback):
@@ -57,16 +54,8 @@ def train(cfg) -> dict:
     return record
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def _main(cfg):
-    with one_line_errors():
-        return train(cfg)
-
-
 def main():
-    with one_line_errors():
-        check_choices(sys.argv[1:])
-    _main()
+    cli(train, "train")
 
 
 if __name__ == "__main__":
