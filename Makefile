@@ -1,6 +1,6 @@
 # make help: list targets
 PY ?= python
-.PHONY: help install train test gpu-test gpu-prepare clean-logs
+.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table4 table5 fig1 fig3 bench-train
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -17,6 +17,20 @@ test:  ## the CPU test suite (what CI runs)
 
 gpu-test:  ## on a CUDA machine with mamba-ssm: GPU tests, cuda-vs-torch comparison JSON in experiments/results/
 	$(PY) -m pytest -q -m gpu tests/test_gpu.py
+
+PRESET ?= builtin
+TABLE_ARGS ?=
+table1 table4 table5:  ## a paper table: run its missing rows, render experiments/results/<table>_$(PRESET).md (PRESET=builtin|paper)
+	$(PY) -m vimexp.tables $@ --preset $(PRESET) $(TABLE_ARGS)
+
+fig1:  ## Figure 1 on the GPU: Vim-Ti vs DeiT-Ti inference throughput and memory vs resolution
+	$(PY) -m vimexp.bench bench=fig1 $(BENCH_ARGS)
+
+fig3:  ## Figures 3-4 on the GPU: the same with the simple feature pyramid of the dense tasks
+	$(PY) -m vimexp.bench bench=fig3_4 $(BENCH_ARGS)
+
+bench-train:  ## training throughput and memory at 224 px, Vim-Ti/S/B and DeiT-Ti/S/B
+	$(PY) -m vimexp.bench bench=train $(BENCH_ARGS)
 
 clean-logs:  ## remove run directories
 	rm -rf logs

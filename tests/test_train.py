@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, compose_cfg, data_overrides, run_cli
+from vimexp.models import create_model
 from vimexp.run import CONF_DIR
 from vimexp.train import train
 
@@ -15,6 +16,11 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_runs_a_step(experiment, tiny_data, tmp_path):
     tiny_model = ["++model.depth=2", "++model.embed_dim=48"]
+    if "_ft_" in experiment:  # fine-tuning starts from the stride-16 weights of the same tiny model
+        name = "vim_nano" if experiment.startswith("builtin") else experiment.split("_")[1] + "_" + experiment.split("_")[2]
+        source = create_model(name, depth=2, embed_dim=48, img_size=32, num_classes=10, kernel="torch")
+        torch.save({"model": source.state_dict()}, tmp_path / "init.pth")
+        tiny_model.append(f"model.init_from={tmp_path / 'init.pth'}")
     cfg = compose_cfg([f"experiment={experiment}", "debug=fdr", *data_overrides(tiny_data), "data.num_classes=10",
                        "data.img_size=32", "data.batch_size=4", "data.num_workers=0", *tiny_model], tmp_path)
     record = train(cfg)
@@ -37,8 +43,6 @@ def _weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
-@pytest.mark.xfail(reason="open: the uninterrupted run's last.ckpt still holds epoch 0 after epoch 1 (ModelCheckpoint "
-                          "save_last with a fixed filename); exact resume is not verified yet", strict=False)
 def test_resume_continues_exactly(tiny_data, tmp_path):
     common = ["logger=csv", *data_overrides(tiny_data), *TINY_RUN, "++trainer.limit_val_batches=1",
               "scheduler.epochs=2", "task.mixup=0.8", "task.cutmix=1.0", "++model.drop_path_rate=0.1",
@@ -55,6 +59,20 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert record["epochs"] == 2  # history carried over from the first half
     straight_results = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert record["final"] == straight_results["final"]
+
+
+def test_ckpt_path_last_resumes_the_newest_run_of_that_name(tiny_data, tmp_path):
+    common = ["debug=limit", *data_overrides(tiny_data), *TINY_RUN, "run_name=resumable"]
+    first = run_cli("train", *common, "trainer.max_epochs=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_dir = next((tmp_path / "logs" / "debug" / "resumable").iterdir())
+    again = run_cli("train", *common, "trainer.max_epochs=2", "ckpt_path=last", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {first_dir / 'checkpoints' / 'last.ckpt'}" in again.stdout
+    second_dir = max((tmp_path / "logs" / "debug" / "resumable").iterdir())
+    results = json.loads((second_dir / "results.json").read_text())
+    assert results["epochs"] == 2 and torch.load(second_dir / "checkpoints" / "last.ckpt",
+                                                 weights_only=False)["epoch"] == 1
 
 
 def test_cli_run_leaves_a_complete_record_and_eval_reproduces_it(tiny_data, tmp_path):

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
@@ -21,6 +22,8 @@ from vimexp.tasks.classification import ClassificationTask
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 OmegaConf.register_new_resolver("wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"), replace=True)
+OmegaConf.register_new_resolver("name_join", lambda *parts: "-".join(str(p) for p in parts if p), replace=True)
+OmegaConf.register_new_resolver("tags_with", lambda tags, *extra: [*tags, *(e for e in extra if e)], replace=True)
 
 
 def check_choices(argv: list[str]):
@@ -107,13 +110,16 @@ def git_commit() -> str | None:
         return None
 
 
-def run_record(cfg, task: ClassificationTask, trainer: L.Trainer) -> dict:
+def run_record(cfg, task: ClassificationTask, trainer: L.Trainer, started: float | None = None) -> dict:
     """results.json: final and best top-1/top-5 of the raw and EMA weights, and what produced them."""
     history = task.history
     metrics = sorted({k for row in history for k in row if k != "epoch"})
     wandb_ids = [lg.version for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
     return {
         "run_name": cfg.run_name,
+        "task": "classification",
+        "table": cfg.get("table"),
+        "table_preset": cfg.get("table_preset"),
         "experiment": HydraConfig.get().runtime.choices.get("experiment"),
         "ablation": HydraConfig.get().runtime.choices.get("ablation"),
         "overrides": list(HydraConfig.get().overrides.task),
@@ -123,6 +129,7 @@ def run_record(cfg, task: ClassificationTask, trainer: L.Trainer) -> dict:
         "best": {k: max(row[k] for row in history if k in row) for k in metrics},
         "epochs": len(history),
         "train_img_per_sec": task.img_per_sec,
+        "wall_seconds": round(time.time() - started, 1) if started else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "precision": str(trainer.precision),
         "git_commit": git_commit(),

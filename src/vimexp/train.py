@@ -1,4 +1,5 @@
 """Train a model: `python -m vimexp.train [experiment=...] [ablation=...] [key=value ...]` (see conf/train.yaml)."""
+import time
 from pathlib import Path
 
 import lightning as L
@@ -10,14 +11,16 @@ from vimexp.run import build_datamodule, build_loggers, build_task, build_traine
 
 
 class EpochSeed(L.Callback):
-    """Reseed every RNG at each epoch start from (seed, epoch): data order, augmentation, mixup and drop path of an
-    epoch then don't depend on what ran before it, so a run resumed at an epoch boundary continues exactly."""
+    """Reseed every RNG at each epoch's first batch from (seed, epoch): mixup and drop path of an epoch then don't
+    depend on what ran before it (the data loader's start-up draws included), so a run resumed at an epoch boundary
+    continues exactly. Data order and augmentation are seeded per sample by the datamodule."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        L.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            L.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
 
 
 def resolve_ckpt_path(cfg) -> str | None:
@@ -35,6 +38,7 @@ def resolve_ckpt_path(cfg) -> str | None:
 
 
 def train(cfg) -> dict:
+    started = time.time()
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     task = build_task(cfg)
@@ -45,7 +49,7 @@ def train(cfg) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [EpochSeed(cfg.seed)]
     trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    record = run_record(cfg, task, trainer)
+    record = run_record(cfg, task, trainer, started)
     if trainer.is_global_zero:
         write_json(out / "results.json", record)
         best = record["best"].get("val/acc1")

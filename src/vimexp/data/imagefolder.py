@@ -1,7 +1,9 @@
 """ImageFolder datamodule (ImageNet layout: root/train/<class>/*.jpg, root/val/<class>/*.jpg) with timm's transforms."""
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
@@ -16,10 +18,31 @@ from vimexp.data.synthetic import ensure_imagefolder
 
 
 class CheckedImageFolder(ImageFolder):
-    """An ImageFolder whose unreadable files fail with their path and a fix, not a PIL traceback from a worker."""
+    """An ImageFolder whose unreadable files fail with their path and a fix, not a PIL traceback from a worker.
 
-    def __init__(self, root, transform=None):
+    Indexed with (index, epoch) from an `EpochIndexSampler`, it draws the sample's augmentation from RNGs seeded by
+    (seed, epoch, index) alone, whatever else used the process's RNGs: a resumed run augments exactly as a straight one.
+    """
+
+    def __init__(self, root, transform=None, seed: int = 0):
         super().__init__(root, transform=transform, loader=self._load)
+        self.seed = seed
+
+    def __getitem__(self, index):
+        if not isinstance(index, tuple):
+            return super().__getitem__(index)
+        index, epoch = index
+        py_state, np_state = random.getstate(), np.random.get_state()  # timm draws from torch, random and numpy
+        with torch.random.fork_rng(devices=[]):
+            sample_seed = hash((self.seed, epoch, index)) % 2**32
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            try:
+                return super().__getitem__(index)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
     @staticmethod
     def _load(path):
@@ -28,6 +51,24 @@ class CheckedImageFolder(ImageFolder):
                 return Image.open(f).convert("RGB")
         except Exception as e:
             raise VimexpError(f"can't read image {path} ({type(e).__name__}: {e}): delete or replace the file") from None
+
+
+class EpochIndexSampler(torch.utils.data.Sampler):
+    """Wraps a sampler to yield (index, epoch), so that the dataset can seed each sample's augmentation."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
 
 
 def check_layout(root: Path, splits=("train", "val")) -> list[str]:
@@ -85,7 +126,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                                     color_jitter=h.color_jitter, auto_augment=h.auto_augment, re_prob=h.re_prob,
                                     re_mode=h.re_mode, re_count=h.re_count)
         eval_tf = create_transform(**common, is_training=False, crop_pct=h.crop_pct)
-        self.train_set = CheckedImageFolder(self.root / "train", train_tf)
+        self.train_set = CheckedImageFolder(self.root / "train", train_tf, seed=self.hparams.seed)
         self.val_set = CheckedImageFolder(self.root / val_split, eval_tf)
 
     @property
@@ -110,7 +151,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             # DeiT's repeated augmentation (distributed only); the trainer is built with use_distributed_sampler=False
             sampler = RepeatAugSampler(self.train_set, num_replicas=self.trainer.world_size,
                                        rank=self.trainer.global_rank, shuffle=True, num_repeats=3)
-        return self._loader(self.train_set, True, sampler)
+        return self._loader(self.train_set, True, EpochIndexSampler(sampler))
 
     def val_dataloader(self):
         sampler = None

@@ -13,7 +13,7 @@ from timm.utils import ModelEmaV3
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from vimexp.models import create_model
+from vimexp.models import create_model, load_checkpoint
 
 
 class ClassificationTask(L.LightningModule):
@@ -22,7 +22,11 @@ class ClassificationTask(L.LightningModule):
                  mixup_mode: str = "batch", smoothing: float = 0.1, ema_decay: float | None = 0.99996):
         super().__init__()
         self.save_hyperparameters()
+        model = dict(model)
+        init_from, init_ignore = model.pop("init_from", None), tuple(model.pop("init_ignore", None) or ())
         self.model = create_model(**model)
+        if init_from:  # fine-tuning start: vimexp or official weights, pos_embed fitted to this model's grid
+            load_checkpoint(self.model, init_from, ignore=init_ignore)
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
         self.mixup = None
         if mixup > 0 or cutmix > 0:

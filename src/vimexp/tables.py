@@ -1,0 +1,153 @@
+"""The paper's tables from your own runs: `python -m vimexp.tables table4 [--preset builtin|paper] [-- overrides]`.
+
+A table is defined in experiments/<name>.yaml: its rows (each one value of a swept config key, `experiment` or
+`ablation`), the metric of each column and the paper's numbers. This tool
+  1. finds the rows' finished runs (results.json tagged with this table and preset) under --runs (default logs/),
+  2. runs the missing rows (all with --force) as one Hydra multirun of `python -m vimexp.train`; rows that start from
+     another row's checkpoint (`init_from`) run after it,
+  3. renders Markdown and CSV: our value, the paper's, the difference, and each row's run directory and W&B run.
+`--render-only` skips 2, e.g. to render runs copied from a cluster: `--runs /path/to/copied/logs --render-only`.
+"""
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from vimexp import VimexpError
+from vimexp.run import CONF_DIR, one_line_errors
+
+ROOT = CONF_DIR.parent
+TABLES_DIR = ROOT / "experiments"
+
+
+def load_table(name: str) -> dict:
+    path = TABLES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in TABLES_DIR.glob("table*.yaml"))
+        raise VimexpError(f"unknown table {name!r}: choose one of {', '.join(choices)}")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def row_value(row: dict, preset: str) -> str | None:
+    value = row.get("value")
+    return value.get(preset) if isinstance(value, dict) else value
+
+
+def find_results(runs: Path, table: dict, preset: str) -> dict[tuple[str, str], dict]:
+    """{(task, swept value): newest results.json} of the runs made for this table and preset."""
+    found = {}
+    for path in sorted(runs.rglob("results.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a results file being written, or not ours
+        if record.get("table") == table["name"] and record.get("table_preset") == preset:
+            found[(record.get("task", "classification"), record.get(table["sweep"]))] = record | {"_path": str(path)}
+    return found
+
+
+def metric(record: dict | None, spec: str):
+    if record is None:
+        return None
+    if spec == "params_m":
+        return round(record["params"] / 1e6, 2)
+    section, _, key = spec.partition(".")
+    value = record.get(section, {}).get(key)
+    return None if value is None else round(value, 2)
+
+
+def _train(args: list[str], multirun: bool):
+    cmd = [sys.executable, "-m", "vimexp.train", *(["-m"] if multirun else []), *args]
+    print("+ " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise VimexpError(f"training failed: {' '.join(cmd)} (its output is above)")
+
+
+def run_missing(table: dict, preset: str, runs: Path, extra: list[str], force: bool, only=None):
+    base = [f"table={table['name']}", f"table_preset={preset}", *table["presets"][preset], *extra]
+    sweep = table["sweep"]
+    trained = [r for r in table["rows"] if not r.get("cited") and (not only or row_value(r, preset) in only)]
+    done = {} if force else find_results(runs, table, preset)
+    first = [row_value(r, preset) for r in trained if not r.get("init_from")
+             and ("classification", row_value(r, preset)) not in done]
+    if first:
+        _train([*base, f"{sweep}={','.join(first)}"], multirun=len(first) > 1)
+    for row in trained:  # rows that start from another row's weights
+        if not row.get("init_from") or ("classification", row_value(row, preset)) in done:
+            continue
+        source = next(r for r in trained if r["label"] == row["init_from"])
+        record = find_results(runs, table, preset).get(("classification", row_value(source, preset)))
+        if record is None:
+            raise VimexpError(f"{row['label']} starts from {source['label']}, which has no finished run")
+        ckpt = Path(record["output_dir"]) / "checkpoints" / "last.ckpt"
+        _train([*base, f"{sweep}={row_value(row, preset)}", f"model.init_from={ckpt}"], multirun=False)
+
+
+def render(table: dict, preset: str, results: dict) -> tuple[str, list[dict]]:
+    """Markdown and CSV rows: per column ours / paper / difference, then the run directory and W&B run id."""
+    rows = []
+    for row in table["rows"]:
+        value = row_value(row, preset)
+        cls = results.get(("classification", value))
+        cells = {"row": row["label"]}
+        for col, paper in zip(table["columns"], row.get("paper") or [None] * len(table["columns"])):
+            ours = None if row.get("cited") else metric(results.get((col.get("task", "classification"), value)),
+                                                        col["metric"])
+            cells[f"{col['name']} (ours)"] = "cited" if row.get("cited") else ours
+            cells[f"{col['name']} (paper)"] = paper
+            cells[f"{col['name']} (diff)"] = round(ours - paper, 2) if None not in (ours, paper) and not \
+                row.get("cited") else None
+        cells["run"] = str(Path(cls["_path"]).parent) if cls else None
+        cells["wandb"] = cls.get("wandb_run_id") if cls else None
+        rows.append(cells)
+    show = lambda v: "—" if v is None else str(v)  # noqa: E731
+    header = list(rows[0])
+    lines = [f"### {table['title']} — preset `{preset}`", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for cells in rows:
+        lines.append("| " + " | ".join(f"{v:+.2f}" if k.endswith("(diff)") and v is not None else show(v)
+                                       for k, v in cells.items()) + " |")
+    return "\n".join(lines) + "\n", rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m vimexp.tables", description=__doc__.split("\n")[0])
+    p.add_argument("table", help="table1, table4, table5, ... (experiments/<table>.yaml)")
+    p.add_argument("--preset", default="builtin", help="builtin (2-core CPU scale) or paper (the paper's recipe)")
+    p.add_argument("--runs", type=Path, default=ROOT / "logs", help="where to look for finished runs")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="where the table goes")
+    p.add_argument("--force", action="store_true", help="run every row again")
+    p.add_argument("--render-only", action="store_true", help="only render what is already in --runs")
+    p.add_argument("--rows", help="run only these rows (comma-separated swept values, e.g. bidir_none,bidir_ssm)")
+    p.epilog = "Extra overrides for every row go after --, e.g. -- data.root=/data/imagenet"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:split])
+    args.overrides = argv[split + 1:]
+    with one_line_errors():
+        table = load_table(args.table)
+        if args.preset not in table["presets"]:
+            raise VimexpError(f"{args.table} has no preset {args.preset!r}: choose {', '.join(table['presets'])}")
+        start = time.time()
+        if not args.render_only:
+            run_missing(table, args.preset, args.runs, args.overrides, args.force,
+                        args.rows.split(",") if args.rows else None)
+        markdown, rows = render(table, args.preset, find_results(args.runs, table, args.preset))
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / f"{args.table}_{args.preset}"
+        stem.with_suffix(".md").write_text(markdown)
+        with open(stem.with_suffix(".csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(markdown)
+        print(f"{args.table} ({args.preset}) in {time.time() - start:.0f} s: {stem}.md, {stem}.csv")
+
+
+if __name__ == "__main__":
+    main()

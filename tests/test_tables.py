@@ -1,0 +1,130 @@
+"""Paper tables: ablation configs, rendering from recorded runs, a two-row sweep end to end, fine-tuning starts."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, TINY_RUN, compose_cfg, data_overrides
+from vimexp.models import create_model
+from vimexp.run import build_task
+from vimexp.tables import find_results, load_table, render
+
+ABLATIONS = {"bidir_none": ("none", "mean"), "bidir_seq": ("sequence", "mean"), "bidir_block": ("block", "mean"),
+             "bidir_ssm": ("ssm", "mean"), "bidir_ssm_conv": ("ssm_conv", "mean"),
+             "cls_mean_pool": ("ssm_conv", "mean"), "cls_max_pool": ("ssm_conv", "max"),
+             "cls_head": ("ssm_conv", "head"), "cls_double": ("ssm_conv", "double"),
+             "cls_middle": ("ssm_conv", "middle")}
+
+
+@pytest.mark.parametrize("ablation", sorted(ABLATIONS))
+def test_ablation_sets_the_model_variant_and_names_the_run(ablation, tmp_path):
+    cfg = compose_cfg([f"ablation={ablation}", "experiment=imagenet_vim_ti", "data.root=/x"], tmp_path)
+    assert (cfg.model.bidirectional, cfg.model.pool) == ABLATIONS[ablation]
+    assert cfg.run_name == f"imagenet_vim_ti-{ablation}"
+    assert ablation in cfg.logger.wandb.tags and cfg.logger.wandb.group == "imagenet_vim_ti"
+
+
+def _record(out, table, preset, key, value, acc, params=7_148_008):
+    out.mkdir(parents=True)
+    record = {"table": table, "table_preset": preset, "task": "classification", key: value, "params": params,
+              "best": {"val/acc1": acc}, "wandb_run_id": f"id-{value}", "output_dir": str(out)}
+    (out / "results.json").write_text(json.dumps(record))
+
+
+def test_render_from_recorded_runs(tmp_path):
+    table = load_table("table4")
+    _record(tmp_path / "a", "table4", "paper", "ablation", "bidir_none", 73.0)
+    _record(tmp_path / "b", "table4", "paper", "ablation", "bidir_ssm_conv", 74.25)
+    _record(tmp_path / "c", "table4", "builtin", "ablation", "bidir_block", 50.0)  # another preset: not this table
+    _record(tmp_path / "d", "table5", "paper", "ablation", "bidir_ssm", 50.0)  # another table
+    markdown, rows = render(table, "paper", find_results(tmp_path, table, "paper"))
+    by_label = {r["row"]: r for r in rows}
+    none = by_label["None (unidirectional Mamba)"]
+    assert (none["IN top-1 (ours)"], none["IN top-1 (paper)"], none["IN top-1 (diff)"]) == (73.0, 73.2, -0.2)
+    assert none["wandb"] == "id-bidir_none" and none["run"] == str(tmp_path / "a")
+    default = by_label["Bidirectional SSM + Conv1d (default)"]
+    assert default["IN top-1 (diff)"] == pytest.approx(0.35)
+    assert default["ADE20K mIoU (ours)"] is None and default["ADE20K mIoU (paper)"] == 35.9  # no seg runs yet
+    assert by_label["Bidirectional Block (Layer)"]["IN top-1 (ours)"] is None
+    assert "| None (unidirectional Mamba) | 73.0 | 73.2 | -0.20 |" in markdown
+    assert "| Bidirectional SSM | — | 72.8 | — |" in markdown
+
+
+def test_table1_cited_rows_and_params(tmp_path):
+    table = load_table("table1")
+    _record(tmp_path / "v", "table1", "paper", "experiment", "imagenet_vim_ti", 76.0)
+    _, rows = render(table, "paper", find_results(tmp_path, table, "paper"))
+    by_label = {r["row"]: r for r in rows}
+    assert by_label["ResNet-50"]["top-1 (ours)"] == "cited" and by_label["ResNet-50"]["top-1 (paper)"] == 76.2
+    assert by_label["Vim-Ti"]["params (M) (ours)"] == 7.15 and by_label["Vim-Ti"]["top-1 (diff)"] == -0.1
+
+
+def test_two_row_sweep_end_to_end(tiny_data, tmp_path):
+    """`python -m vimexp.tables table4 --rows a,b` runs one multirun of two jobs, then renders them."""
+    env = {**os.environ, "WANDB_MODE": "offline", "VIMEXP_ROOT": str(tmp_path)}
+    overrides = [*data_overrides(tiny_data), *TINY_RUN, "debug=limit", "logger=default"]
+    cmd = [sys.executable, "-m", "vimexp.tables", "table4", "--rows", "bidir_none,bidir_ssm_conv",
+           "--runs", str(tmp_path / "logs"), "--out", str(tmp_path / "out"), "--", *overrides]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count(" -m vimexp.train -m ") == 1  # one multirun for both rows
+    jobs = sorted(p for p in (tmp_path / "logs" / "debug" / "multirun").glob("*/*") if p.is_dir())
+    assert [j.name.split("_", 1)[1] for j in jobs] == ["builtin_vim_nano-bidir_none", "builtin_vim_nano-bidir_ssm_conv"]
+    for job in jobs:
+        results = json.loads((job / "results.json").read_text())
+        assert results["table"] == "table4" and results["wandb_run_id"]
+        assert list((job / "wandb").glob("offline-run-*")), "one W&B run per job"
+    with open(tmp_path / "out" / "table4_builtin.csv") as f:
+        rows = {r["row"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 5
+    for label, r in rows.items():
+        ran = label.startswith(("None", "Bidirectional SSM + Conv1d"))
+        assert (r["IN top-1 (ours)"] != "") == ran and (r["wandb"] != "") == ran, label
+        if ran:
+            assert 0 <= float(r["IN top-1 (ours)"]) <= 100
+            assert float(r["IN top-1 (diff)"]) == pytest.approx(float(r["IN top-1 (ours)"]) - float(r["IN top-1 (paper)"]))
+    # re-running skips the finished rows: nothing to train
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "vimexp.train" not in again.stdout
+
+
+def _independent_resample(pos, src_grid, dst_grid, cls_src, cls_dst):
+    """Interpolate the patch rows as a 2D grid; the class-token row moves to its new index unchanged."""
+    cls = pos[:, cls_src]
+    grid = torch.cat([pos[:, :cls_src], pos[:, cls_src + 1:]], 1)
+    grid = grid.reshape(1, src_grid, src_grid, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(dst_grid, dst_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, dst_grid * dst_grid, -1)
+    return torch.cat([grid[:, :cls_dst], cls[:, None], grid[:, cls_dst:]], 1)
+
+
+def test_finetune_stride8_starts_from_a_stride16_checkpoint(tmp_path):
+    small = dict(depth=2, embed_dim=32, img_size=64, num_classes=10, kernel="torch")
+    torch.manual_seed(0)
+    source = create_model("vim_ti", **small)
+    torch.save({"model": source.state_dict()}, tmp_path / "official.pth")  # the official layout
+    cfg = compose_cfg(["experiment=imagenet_vim_ti_ft_stride8", "data.root=/x", "data.img_size=64",
+                       "data.num_classes=10", "++model.depth=2", "++model.embed_dim=32", "model.kernel=torch",
+                       f"model.init_from={tmp_path / 'official.pth'}"], tmp_path / "run")
+    assert (cfg.optimizer.lr * cfg.data.batch_size / 512, cfg.optimizer.weight_decay, cfg.trainer.max_epochs,
+            cfg.scheduler.warmup_lr, cfg.scheduler.min_lr, cfg.model.drop_path_rate) == (1e-5, 1e-8, 30, 1e-5, 1e-5, 0)
+    model = build_task(cfg).model
+    assert model.patch_embed.grid_size == (7, 7)  # stride 8 at 64 px, 16 at stride 16
+    src_pos = source.pos_embed.detach()
+    assert torch.equal(model.pos_embed[:, 49 // 2], src_pos[:, 16 // 2])  # the middle class token stays itself
+
+    reference = create_model("vim_ti_stride8", **small)
+    sd = {k: v for k, v in source.state_dict().items() if k != "pos_embed"}
+    sd["pos_embed"] = _independent_resample(src_pos, 4, 7, 16 // 2, 49 // 2)
+    reference.load_state_dict(sd)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert math.isfinite(model(x).sum().item())
