@@ -57,15 +57,17 @@ def build(spec: dict, res: int, neck: bool, kernel: str) -> torch.nn.Module:
     return model
 
 
-def _step_fn(model, x, mode, dtype):
-    autocast = torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+def _step_fn(model, x, mode, dtype, cuda_graph=False):
+    graphed = cuda_graph and x.device.type == "cuda" and mode == "inference"
+    autocast = torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                              cache_enabled=not graphed)  # autocast's weight cache can't outlive a graph capture
     if mode == "inference":
         model.eval()
 
         def step():
             with torch.no_grad(), autocast:
                 model(x)
-        return step
+        return _cuda_graph(step) if graphed else step
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
@@ -78,6 +80,21 @@ def _step_fn(model, x, mode, dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def _cuda_graph(step):
+    """Capture one forward as a CUDA graph and return its replay: one launch instead of hundreds, which is what
+    bounds a small-batch Vim forward (the host, not the GPU: ANCHORS.md)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up kernels and allocator outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _time(step, device, warmup, repeats, iters) -> list[float]:
@@ -105,7 +122,7 @@ def _time(step, device, warmup, repeats, iters) -> list[float]:
 
 def measure(key, spec, res, batch, precision, cfg, device) -> dict:
     row = {"model": key, "spec": dict(spec), "res": res, "batch": batch, "precision": precision,
-           "mode": cfg.bench.mode, "neck": bool(cfg.bench.neck)}
+           "mode": cfg.bench.mode, "neck": bool(cfg.bench.neck), "cuda_graph": bool(cfg.get("cuda_graph"))}
     model = None
     try:
         model = build(spec, res, cfg.bench.neck, cfg.kernel).to(device)
@@ -113,8 +130,8 @@ def measure(key, spec, res, batch, precision, cfg, device) -> dict:
         x = torch.randn(batch, 3, res, res, device=device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = _time(_step_fn(model, x, cfg.bench.mode, PRECISIONS[precision]), device, cfg.warmup, cfg.repeats,
-                      cfg.iters)
+        step = _step_fn(model, x, cfg.bench.mode, PRECISIONS[precision], cfg.get("cuda_graph", False))
+        times = _time(step, device, cfg.warmup, cfg.repeats, cfg.iters)
         ms = statistics.median(times) * 1e3
         row.update(status="ok", ms_per_batch=round(ms, 3), img_per_sec=round(batch / ms * 1e3, 2),
                    ms_spread=[round(min(times) * 1e3, 3), round(max(times) * 1e3, 3)])
@@ -204,11 +221,11 @@ def bench(cfg) -> dict:
                              if row["status"] == "ok" else row["status"])
                     print(f"{key:16s} {res:5d}px  batch {batch:4d}  {precision}: {speed}", flush=True)
     record = {"bench": b.name, "environment": environment(device),
-              "protocol": {k: cfg[k] for k in ("warmup", "repeats", "iters", "kernel")} | {"mode": b.mode},
+              "protocol": {k: cfg[k] for k in ("warmup", "repeats", "iters", "kernel", "cuda_graph")} | {"mode": b.mode},
               "command": "python -m vimexp.bench " + " ".join(_overrides()), "rows": rows}
     write_json(out / "results.json", record)
     with open(out / "results.csv", "w", newline="") as f:
-        keys = ["model", "res", "batch", "precision", "mode", "neck", "status", "img_per_sec", "ms_per_batch",
+        keys = ["model", "res", "batch", "precision", "mode", "neck", "cuda_graph", "status", "img_per_sec", "ms_per_batch",
                 "peak_gib", "params"]
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
