@@ -1,6 +1,6 @@
 # make help: list targets
 PY ?= python
-.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table4 table5 fig1 fig3 bench-train
+.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table4 table5 table7 fig1 fig3 bench-train bench-train-hier
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ gpu-test:  ## on a CUDA machine with mamba-ssm: GPU tests, cuda-vs-torch compari
 
 PRESET ?= builtin
 TABLE_ARGS ?=
-table1 table4 table5:  ## a paper table: run its missing rows, render experiments/results/<table>_$(PRESET).md (PRESET=builtin|paper)
+table1 table4 table5 table7:  ## a paper table: run its missing rows, render experiments/results/<table>_$(PRESET).md (PRESET=builtin|paper)
 	$(PY) -m vimexp.tables $@ --preset $(PRESET) $(TABLE_ARGS)
 
 fig1:  ## Figure 1 on the GPU: Vim-Ti vs DeiT-Ti inference throughput and memory vs resolution
@@ -31,6 +31,9 @@ fig3:  ## Figures 3-4 on the GPU: the same with the simple feature pyramid of th
 
 bench-train:  ## training throughput and memory at 224 px, Vim-Ti/S/B and DeiT-Ti/S/B
 	$(PY) -m vimexp.bench bench=train $(BENCH_ARGS)
+
+bench-train-hier:  ## training throughput and memory at 224 px, Hier-Vim-T/S/B and Swin-T/S/B (Table 7's models)
+	$(PY) -m vimexp.bench bench=train_hier $(BENCH_ARGS)
 
 clean-logs:  ## remove run directories
 	rm -rf logs

@@ -102,3 +102,7 @@ def test_selective_scan_matches_mamba_at_vim_shapes():
                                                  zip("u delta A B C D z delta_bias".split(), *grads)}}
     checks.append({"op": "selective_scan", "shape": [b, e, n, L], "precision": "float32", "rel_err": err})
     assert max(err.values()) <= TOL["float32"], err
+
+
+def test_hier_vim_t_agrees():
+    _compare("hier_vim_t", "float32", batch=4)

@@ -13,7 +13,9 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies.launchers import subprocess_script
 from omegaconf import OmegaConf
 
 from vimexp import VimexpError
@@ -53,9 +55,23 @@ def one_line_errors():
             raise
         print(f"error: {_last_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextmanager
+def isolated_job():
+    """Undo what a job set up for itself, so that the next job of a multirun starts clean: its W&B run, its DDP process
+    group, and the rank variables Lightning's launcher put into the environment (with LOCAL_RANK still set, the next
+    job would take itself for a child process and wait for ranks that nobody starts)."""
+    env = dict(os.environ)
+    try:
+        yield
     finally:
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-            sys.modules["wandb"].finish()  # one W&B run per Hydra job in multiruns
+            sys.modules["wandb"].finish()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
 
 
 def _last_line(e: Exception) -> str:
@@ -94,11 +110,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def build_trainer(cfg, callbacks=(), loggers=()) -> L.Trainer:
-    repeated_aug = cfg.data.get("repeated_aug", False)
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # submitit owns preemption and timeout requeue; Lightning's own would race it
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=list(callbacks),
-                     logger=list(loggers) or False, plugins=[AtomicCheckpointIO()],
-                     # RepeatAugSampler shards by itself under DDP (see the datamodule)
-                     use_distributed_sampler=not repeated_aug)
+                     logger=list(loggers) or False, plugins=plugins,
+                     use_distributed_sampler=False)  # the datamodule shards its loaders itself
+
+
+def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
+    """The command Lightning's DDP launcher runs for local rank > 0: this Hydra job alone, in its own directory.
+
+    Lightning's own command re-runs sys.argv, which under `-m` starts the whole sweep again in every child process
+    (lightning-hydra-template #393). Here the child gets the job's overrides and output directory instead.
+    """
+    hydra_cfg = HydraConfig.get()
+    command = [sys.executable, "-m", f"vimexp.{hydra_cfg.job.config_name}", *hydra_cfg.overrides.task,
+               f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"', "hydra.output_subdir=null",
+               f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}"]
+    return command, hydra_cfg.runtime.cwd
+
+
+subprocess_script._hydra_subprocess_cmd = ddp_child_command  # Lightning looks it up here at launch
 
 
 def git_commit() -> str | None:
@@ -132,6 +165,7 @@ def run_record(cfg, task: ClassificationTask, trainer: L.Trainer, started: float
         "wall_seconds": round(time.time() - started, 1) if started else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "precision": str(trainer.precision),
+        "world_size": trainer.world_size,
         "git_commit": git_commit(),
         "wandb_run_id": wandb_ids[0] if wandb_ids else None,
         "output_dir": str(Path(cfg.paths.output_dir).resolve()),
@@ -148,7 +182,7 @@ def cli(run_fn, config_name: str):
     """`python -m vimexp.<name>`: config choices checked up front, the Hydra job run, user errors as one line."""
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def _main(cfg):
-        with one_line_errors():
+        with one_line_errors(), isolated_job():
             return run_fn(cfg)
 
     with one_line_errors():

@@ -24,6 +24,10 @@ class EpochSeed(L.Callback):
 
 
 def resolve_ckpt_path(cfg) -> str | None:
+    in_place = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path is None and in_place.is_file():  # a requeued job (SLURM preemption, time limit) picks up its run
+        print(f"resuming from {in_place} (this run directory already holds a last.ckpt)")
+        return str(in_place)
     if cfg.ckpt_path != "last":
         if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
             raise VimexpError(f"ckpt_path {cfg.ckpt_path} does not exist: pass a .ckpt file or ckpt_path=last")

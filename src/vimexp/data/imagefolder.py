@@ -20,8 +20,9 @@ from vimexp.data.synthetic import ensure_imagefolder
 class CheckedImageFolder(ImageFolder):
     """An ImageFolder whose unreadable files fail with their path and a fix, not a PIL traceback from a worker.
 
-    Indexed with (index, epoch) from an `EpochIndexSampler`, it draws the sample's augmentation from RNGs seeded by
-    (seed, epoch, index) alone, whatever else used the process's RNGs: a resumed run augments exactly as a straight one.
+    Indexed with (index, epoch, salt) from an `EpochIndexSampler`, it draws the sample's augmentation from RNGs seeded
+    by (seed, epoch, index, salt) alone, whatever else used the process's RNGs: a resumed run augments exactly as a
+    straight one, and N processes exactly as one.
     """
 
     def __init__(self, root, transform=None, seed: int = 0):
@@ -31,10 +32,10 @@ class CheckedImageFolder(ImageFolder):
     def __getitem__(self, index):
         if not isinstance(index, tuple):
             return super().__getitem__(index)
-        index, epoch = index
+        index, epoch, salt = index
         py_state, np_state = random.getstate(), np.random.get_state()  # timm draws from torch, random and numpy
         with torch.random.fork_rng(devices=[]):
-            sample_seed = hash((self.seed, epoch, index)) % 2**32
+            sample_seed = hash((self.seed, epoch, index, salt)) % 2**32
             torch.manual_seed(sample_seed)
             random.seed(sample_seed)
             np.random.seed(sample_seed)
@@ -54,10 +55,15 @@ class CheckedImageFolder(ImageFolder):
 
 
 class EpochIndexSampler(torch.utils.data.Sampler):
-    """Wraps a sampler to yield (index, epoch), so that the dataset can seed each sample's augmentation."""
+    """Wraps a sampler to yield (index, epoch, salt), so that the dataset can seed each sample's augmentation.
 
-    def __init__(self, sampler):
-        self.sampler, self.epoch = sampler, 0
+    The salt is (-1, -1), unless `rank` is given for a sampler that yields an image more than once per epoch (repeated
+    augmentation): then it is (rank, position), so that each copy is augmented differently. Only ints: their hash is
+    the same in every process (None's is not, before Python 3.12).
+    """
+
+    def __init__(self, sampler, rank: int | None = None):
+        self.sampler, self.epoch, self.rank = sampler, 0, rank
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -65,7 +71,9 @@ class EpochIndexSampler(torch.utils.data.Sampler):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        return ((i, self.epoch) for i in self.sampler)
+        if self.rank is None:
+            return ((i, self.epoch, (-1, -1)) for i in self.sampler)
+        return ((i, self.epoch, (self.rank, pos)) for pos, i in enumerate(self.sampler))
 
     def __len__(self):
         return len(self.sampler)
@@ -143,20 +151,25 @@ class ImageFolderDataModule(L.LightningDataModule):
                           sampler=sampler, num_workers=h.num_workers, pin_memory=h.pin_memory and torch.cuda.is_available(),
                           drop_last=train, persistent_workers=False)
 
+    @property
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+
+    # The trainer is built with use_distributed_sampler=False: the loaders shard themselves over the processes.
     def train_dataloader(self):
-        # an order that depends on (seed, epoch) only, whatever ran before: a resumed run sees the same batches
-        sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=True,
+        world, rank = self._world
+        if self.hparams.repeated_aug and world > 1:  # DeiT's repeated augmentation (distributed only)
+            sampler = RepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, num_repeats=3)
+            return self._loader(self.train_set, True, EpochIndexSampler(sampler, rank=rank))
+        # One permutation per (seed, epoch), dealt round-robin: global batch k holds the same images on any number of
+        # processes, and a resumed run sees the same batches as a straight one.
+        sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=self.hparams.seed, drop_last=True)
-        if self.hparams.repeated_aug and self.trainer is not None and self.trainer.world_size > 1:
-            # DeiT's repeated augmentation (distributed only); the trainer is built with use_distributed_sampler=False
-            sampler = RepeatAugSampler(self.train_set, num_replicas=self.trainer.world_size,
-                                       rank=self.trainer.global_rank, shuffle=True, num_repeats=3)
         return self._loader(self.train_set, True, EpochIndexSampler(sampler))
 
     def val_dataloader(self):
+        world, rank = self._world
         sampler = None
-        if self.hparams.repeated_aug and self.trainer is not None and self.trainer.world_size > 1:
-            # Lightning's automatic distributed sampler is off (see train_dataloader): shard val ourselves
-            sampler = torch.utils.data.DistributedSampler(self.val_set, num_replicas=self.trainer.world_size,
-                                                          rank=self.trainer.global_rank, shuffle=False)
+        if world > 1:  # pads the last shard with repeats, as Lightning's own sampler would
+            sampler = torch.utils.data.DistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
         return self._loader(self.val_set, False, sampler)

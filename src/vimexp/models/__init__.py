@@ -1,5 +1,5 @@
 """Backbones by name: `create_model("vim_s", img_size=448)`, `load_checkpoint(model, path)`."""
-from vimexp.models import deit, vim_variants  # noqa: F401  (register the models)
+from vimexp.models import deit, hier_vim, vim_variants  # noqa: F401  (register the models)
 from vimexp.models.checkpoint import load_checkpoint
 from vimexp.models.registry import create_model, list_models, register_model
 from vimexp.models.vim import VimMixer, VisionMamba

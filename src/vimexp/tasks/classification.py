@@ -27,7 +27,7 @@ class ClassificationTask(L.LightningModule):
         self.model = create_model(**model)
         if init_from:  # fine-tuning start: vimexp or official weights, pos_embed fitted to this model's grid
             load_checkpoint(self.model, init_from, ignore=init_ignore)
-        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+        self.ema = ModelEmaV3(self.model, decay=ema_decay).requires_grad_(False) if ema_decay else None  # DDP: no grad
         self.mixup = None
         if mixup > 0 or cutmix > 0:
             self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,

@@ -1,0 +1,141 @@
+"""Scale-out on the CPU: DDP over two gloo processes, DDP inside Hydra multiruns, submitit's local launcher, the
+SLURM presets and requeue into the same run directory."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import submitit
+import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import OmegaConf
+from timm.data import create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+
+from conftest import TINY_RUN, compose_cfg, data_overrides, run_cli
+from vimexp.data.imagefolder import CheckedImageFolder, EpochIndexSampler
+from vimexp.run import build_trainer
+
+# no randomness inside a step (mixup, drop path), so that the processes can't differ but by float rounding
+DETERMINISTIC = ["logger=csv", "trainer.accelerator=cpu", "task.mixup=0", "task.cutmix=0", "++model.drop_path_rate=0",
+                 "optimizer.lr=0.05", "trainer.max_epochs=1"]
+DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def _train_in(run_dir: Path, *args, cwd):
+    run = run_cli("train", *args, f"hydra.run.dir={run_dir}", cwd=cwd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_two_ddp_processes_train_as_one_with_the_same_global_batch(tiny_data, tmp_path):
+    common = [*data_overrides(tiny_data), *TINY_RUN, *DETERMINISTIC]  # global batch 16: 5 steps over 80 images
+    _train_in(tmp_path / "one", *common, cwd=tmp_path)
+    _train_in(tmp_path / "two", *common, *DDP2, cwd=tmp_path)
+    _train_in(tmp_path / "other_batches", *common, "seed=1", cwd=tmp_path)  # the control: another data order
+    one, two, other = (_weights(tmp_path / d) for d in ("one", "two", "other_batches"))
+    assert json.loads((tmp_path / "two/results.json").read_text())["world_size"] == 2
+    assert one.keys() == two.keys() and any(k.startswith("ema.") for k in one)
+    gaps = {k: (two[k] - one[k]).abs().max().item() for k in one}
+    control = max((other[k] - one[k]).abs().max().item() for k in one if k.startswith("model."))
+    assert max(gaps.values()) < 2e-5, sorted(gaps.items(), key=lambda kv: -kv[1])[:3]
+    assert control > 1e-3  # the weights moved, and which images make a batch matters
+
+
+def test_ddp_inside_a_multirun_gives_each_job_one_directory_and_one_wandb_run(tiny_data, tmp_path):
+    run = run_cli("train", "-m", *data_overrides(tiny_data), *TINY_RUN, *DDP2, "debug=limit", "logger=default",
+                  "seed=1,2", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("results in") == 2  # the sweep ran once, not again from the second process
+    sweeps = list((tmp_path / "logs" / "debug" / "multirun").iterdir())
+    assert len(sweeps) == 1 and sorted(p.name for p in (tmp_path / "logs" / "debug").iterdir()) == ["multirun"]
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert json.loads((job / "results.json").read_text())["world_size"] == 2
+        assert (job / "checkpoints" / "last.ckpt").is_file() and (job / "run_rank1.log").is_file()
+        assert len(list((job / "wandb").glob("offline-run-*"))) == 1
+
+
+def _requeue(submission_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a job's pickled submission again, as submitit's sbatch script does after a preemption or time-limit requeue."""
+    job_id = submission_dir.name
+    env = {**os.environ, "WANDB_MODE": "offline", "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": job_id,
+           "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0",
+           "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0"}
+    return subprocess.run([sys.executable, "-m", "submitit.core._submit", str(submission_dir)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_submitit_local_multirun_and_a_requeued_job_resumes_in_its_directory(tiny_data, tmp_path):
+    run = run_cli("train", "-m", *data_overrides(tiny_data), *TINY_RUN, "debug=limit", "hydra/launcher=submitit_local",
+                  "hydra.launcher.timeout_min=10", "seed=1,2", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sweep = next((tmp_path / "logs" / "debug" / "multirun").iterdir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert json.loads((job / "results.json").read_text())["epochs"] == 2
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+    # the requeued job finds its directory again (the timestamp in it included) and resumes from its last.ckpt
+    first = min((p for p in (sweep / ".submitit").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    again = _requeue(first, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {jobs[0] / 'checkpoints' / 'last.ckpt'}" in again.stdout
+    assert sorted(sweep.iterdir()) == sorted([*jobs, sweep / ".submitit", sweep / "multirun.yaml"])
+    assert json.loads((jobs[0] / "results.json").read_text())["epochs"] == 2  # the history came back with it
+
+
+def test_slurm_preset_ties_lightning_to_the_submitit_resources(monkeypatch, tmp_path):
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # "is srun here?": it is not
+    cfg = compose_cfg(["experiment=imagenet_vim_ti", "data.root=/imagenet", "launcher=slurm_2x8gpu",
+                       "hydra.launcher.partition=gpu"], tmp_path)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and cfg.hydra.mode.name == "MULTIRUN"
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (8, 2, "ddp")
+    assert cfg.data.batch_size == 1024  # global: 64 per process on 16 GPUs, the lr unchanged
+    # the sbatch script submitit writes from these parameters (the key mapping of hydra-submitit-launcher's launch())
+    params = {k: v for k, v in OmegaConf.to_container(launcher, resolve=False).items()
+              if k not in ("_target_", "submitit_folder", "max_num_timeout") and v is not None}
+    base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
+            "stderr_to_stdout"}
+    params["name"] = "train"
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm", slurm_max_num_timeout=launcher.max_num_timeout)
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    sbatch = executor._executor._make_submission_file_text("python -m vimexp.train", "uid")
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--partition=gpu",
+                 "--signal=USR2@120", "--time=2880"):
+        assert f"#SBATCH {line}" in sbatch, line
+
+
+def test_under_slurm_lightning_leaves_requeue_to_submitit(monkeypatch, tmp_path):
+    for key, value in dict(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="1", SLURM_JOB_NAME="vimexp",
+                           SLURM_JOB_ID="42", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+                           SLURM_NODELIST="localhost").items():
+        monkeypatch.setenv(key, value)
+    trainer = build_trainer(compose_cfg(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path))
+    env = trainer.strategy.cluster_environment
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
+
+
+def test_repeated_augmentation_augments_each_copy_differently_and_reproducibly(tiny_data):
+    dataset = CheckedImageFolder(tiny_data / "train", create_transform(32, is_training=True, hflip=0.5), seed=0)
+
+    def draw(rank):  # DeiT's repeated augmentation over 2 processes: each image 3 times, spread over the ranks
+        sampler = RepeatAugSampler(dataset, num_replicas=2, rank=rank, num_repeats=3, selected_round=0)
+        return [(key[0], dataset[key][0]) for key in EpochIndexSampler(sampler, rank=rank)]
+
+    draws = draw(0) + draw(1)
+    copies = {}
+    for index, image in draws:
+        copies.setdefault(index, []).append(image)
+    repeated = [c for c in copies.values() if len(c) > 1]  # (an epoch keeps its length: some copies are left out)
+    assert len(repeated) > len(copies) // 4
+    for c in repeated:
+        assert all(not torch.equal(a, b) for i, a in enumerate(c) for b in c[i + 1:])
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(draws, draw(0) + draw(1)))
