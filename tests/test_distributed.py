@@ -14,7 +14,8 @@ from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 
 from conftest import TINY_RUN, compose_cfg, data_overrides, run_cli
-from vimexp.data.imagefolder import CheckedImageFolder, EpochIndexSampler
+from vimexp.data.imagefolder import CheckedImageFolder
+from vimexp.data.sampling import EpochIndexSampler
 from vimexp.run import build_trainer
 
 # no randomness inside a step (mixup, drop path), so that the processes can't differ but by float rounding

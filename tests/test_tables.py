@@ -30,10 +30,11 @@ def test_ablation_sets_the_model_variant_and_names_the_run(ablation, tmp_path):
     assert ablation in cfg.logger.wandb.tags and cfg.logger.wandb.group == "imagenet_vim_ti"
 
 
-def _record(out, table, preset, key, value, acc, params=7_148_008):
+def _record(out, table, preset, key, value, acc, params=7_148_008, task="classification"):
     out.mkdir(parents=True)
-    record = {"table": table, "table_preset": preset, "task": "classification", key: value, "params": params,
-              "best": {"val/acc1": acc}, "wandb_run_id": f"id-{value}", "output_dir": str(out)}
+    best = {"val/acc1": acc} if task == "classification" else {"val/mIoU": acc}
+    record = {"table": table, "table_preset": preset, "task": task, key: value, "params": params,
+              "best": best, "wandb_run_id": f"id-{value}", "output_dir": str(out)}
     (out / "results.json").write_text(json.dumps(record))
 
 
@@ -43,6 +44,7 @@ def test_render_from_recorded_runs(tmp_path):
     _record(tmp_path / "b", "table4", "paper", "ablation", "bidir_ssm_conv", 74.25)
     _record(tmp_path / "c", "table4", "builtin", "ablation", "bidir_block", 50.0)  # another preset: not this table
     _record(tmp_path / "d", "table5", "paper", "ablation", "bidir_ssm", 50.0)  # another table
+    _record(tmp_path / "e", "table4", "paper", "ablation", "bidir_block", 33.0, task="segmentation")
     markdown, rows = render(table, "paper", find_results(tmp_path, table, "paper"))
     by_label = {r["row"]: r for r in rows}
     none = by_label["None (unidirectional Mamba)"]
@@ -51,7 +53,9 @@ def test_render_from_recorded_runs(tmp_path):
     default = by_label["Bidirectional SSM + Conv1d (default)"]
     assert default["IN top-1 (diff)"] == pytest.approx(0.35)
     assert default["ADE20K mIoU (ours)"] is None and default["ADE20K mIoU (paper)"] == 35.9  # no seg runs yet
-    assert by_label["Bidirectional Block (Layer)"]["IN top-1 (ours)"] is None
+    block = by_label["Bidirectional Block (Layer)"]
+    assert block["IN top-1 (ours)"] is None and block["ADE20K mIoU (ours)"] == 33.0  # a segmentation run's mIoU
+    assert block["ADE20K mIoU (diff)"] == pytest.approx(-0.6)
     assert "| None (unidirectional Mamba) | 73.0 | 73.2 | -0.20 |" in markdown
     assert "| Bidirectional SSM | — | 72.8 | — |" in markdown
 
@@ -69,8 +73,8 @@ def test_two_row_sweep_end_to_end(tiny_data, tmp_path):
     """`python -m vimexp.tables table4 --rows a,b` runs one multirun of two jobs, then renders them."""
     env = {**os.environ, "WANDB_MODE": "offline", "VIMEXP_ROOT": str(tmp_path)}
     overrides = [*data_overrides(tiny_data), *TINY_RUN, "debug=limit", "logger=default"]
-    cmd = [sys.executable, "-m", "vimexp.tables", "table4", "--rows", "bidir_none,bidir_ssm_conv",
-           "--runs", str(tmp_path / "logs"), "--out", str(tmp_path / "out"), "--", *overrides]
+    cmd = [sys.executable, "-m", "vimexp.tables", "table4", "--rows", "bidir_none,bidir_ssm_conv", "--tasks",
+           "classification", "--runs", str(tmp_path / "logs"), "--out", str(tmp_path / "out"), "--", *overrides]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count(" -m vimexp.train -m ") == 1  # one multirun for both rows
@@ -128,3 +132,23 @@ def test_finetune_stride8_starts_from_a_stride16_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
     assert math.isfinite(model(x).sum().item())
+
+
+def test_table2_and_table4_segmentation_rows_run_through_the_cli(tmp_path):
+    """Table 4's mIoU column runs its rows as segmentation jobs (task_presets); Table 2 is segmentation throughout."""
+    env = {**os.environ, "WANDB_MODE": "offline", "VIMEXP_ROOT": str(tmp_path)}
+    seg = [f"data.root={tmp_path}/seg/ADEChallengeData2016", "data.generate_params={train:16,val:2,size:48,seed:0}",
+           "data.batch_size=4", "debug=limit"]
+    for table, rows in (("table4", "bidir_ssm_conv"), ("table2", "builtin_seg_upernet_vim_ti")):
+        extra = ["--tasks", "segmentation"] if table == "table4" else []
+        cmd = [sys.executable, "-m", "vimexp.tables", table, "--rows", rows, *extra, "--runs", str(tmp_path / "logs"),
+               "--out", str(tmp_path / "out"), "--", *seg]
+        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "out" / "table4_builtin.csv") as f:
+        default = {r["row"]: r for r in csv.DictReader(f)}["Bidirectional SSM + Conv1d (default)"]
+    assert default["IN top-1 (ours)"] == "" and 0 <= float(default["ADE20K mIoU (ours)"]) <= 100
+    with open(tmp_path / "out" / "table2_builtin.csv") as f:
+        rows = {r["row"]: r for r in csv.DictReader(f)}
+    assert rows["UperNet / ResNet-50"]["mIoU (ours)"] == "cited"
+    assert 0 <= float(rows["UperNet / Vim-Ti"]["mIoU (ours)"]) <= 100 and rows["UperNet / DeiT-Ti"]["mIoU (ours)"] == ""

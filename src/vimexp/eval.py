@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: `python -m vimexp.eval ckpt_path=<file> [experiment=...] [model=...] [split=val]`.
+"""Evaluate a checkpoint: `python -m vimexp.eval ckpt_path=<file> [experiment=...] [model=...] [split=...]`.
 
 Takes a vimexp checkpoint (.ckpt, raw and EMA weights) or an official hustvl/Vim one (.pth: `model`, `model_ema`),
 adapting pos_embed to the configured resolution, and writes results.json like a training run.
@@ -12,8 +12,9 @@ from vimexp.run import build_datamodule, build_loggers, build_task, build_traine
 
 
 def load_weights(task, ckpt: dict):
-    """Raw weights into task.model, EMA weights (when the checkpoint has them) into task.ema."""
-    for net, use_ema in ((task.model, False), *(((task.ema.module, True),) if task.ema else ())):
+    """Raw weights into task.model, EMA weights (when the checkpoint and the task have them) into task.ema."""
+    ema = getattr(task, "ema", None)
+    for net, use_ema in ((task.model, False), *(((ema.module, True),) if ema else ())):
         sd = adapt_pos_embed(net, extract_state_dict(ckpt, use_ema))
         check_compatible(net, sd)
         net.load_state_dict(sd)
@@ -28,9 +29,10 @@ def has_ema(ckpt: dict) -> bool:
 def evaluate(cfg) -> dict:
     L.seed_everything(cfg.seed)
     ckpt = read_checkpoint(cfg.ckpt_path)
-    task = build_task(cfg, ema_decay=cfg.task.ema_decay if has_ema(ckpt) else None)
+    classification = cfg.task.get("name", "classification") == "classification"
+    task = build_task(cfg, **({"ema_decay": cfg.task.ema_decay if has_ema(ckpt) else None} if classification else {}))
     load_weights(task, ckpt)
-    datamodule = build_datamodule(cfg, val_split=cfg.split)
+    datamodule = build_datamodule(cfg, **({"val_split": cfg.split} if cfg.split else {}))
     trainer = build_trainer(cfg, loggers=build_loggers(cfg))
     trainer.validate(task, datamodule=datamodule)
     record = {**run_record(cfg, task, trainer), "ckpt_path": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split}

@@ -19,8 +19,10 @@ from lightning.pytorch.strategies.launchers import subprocess_script
 from omegaconf import OmegaConf
 
 from vimexp import VimexpError
+from vimexp.data.ade20k import ADE20KDataModule
 from vimexp.data.imagefolder import ImageFolderDataModule
 from vimexp.tasks.classification import ClassificationTask
+from vimexp.tasks.segmentation import SegmentationTask
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 OmegaConf.register_new_resolver("wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"), replace=True)
@@ -78,15 +80,21 @@ def _last_line(e: Exception) -> str:
     return str(e).strip().splitlines()[-1].split("VimexpError: ", 1)[-1]
 
 
-def build_datamodule(cfg, **overrides) -> ImageFolderDataModule:
-    return ImageFolderDataModule(**{**OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed, **overrides})
+DATAMODULES = {"imagefolder": ImageFolderDataModule, "ade20k": ADE20KDataModule}  # by data.format
+TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask}  # by task.name
 
 
-def build_task(cfg, **overrides) -> ClassificationTask:
+def build_datamodule(cfg, **overrides):
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return DATAMODULES[data.pop("format", "imagefolder")](**{**data, "seed": cfg.seed, **overrides})
+
+
+def build_task(cfg, **overrides):
     c = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "optimizer", "scheduler", "data", "task")}
-    return ClassificationTask(model=c["model"], optimizer=c["optimizer"], scheduler=c["scheduler"],
-                              num_classes=c["data"]["num_classes"], global_batch_size=c["data"]["batch_size"],
-                              **{**c["task"], **overrides})
+    task = {k: v for k, v in c["task"].items() if k not in ("name", "monitor")}
+    return TASKS[c["task"].get("name", "classification")](
+        model=c["model"], optimizer=c["optimizer"], scheduler=c["scheduler"], num_classes=c["data"]["num_classes"],
+        global_batch_size=c["data"]["batch_size"], **{**task, **overrides})
 
 
 def build_loggers(cfg) -> list:
@@ -143,14 +151,15 @@ def git_commit() -> str | None:
         return None
 
 
-def run_record(cfg, task: ClassificationTask, trainer: L.Trainer, started: float | None = None) -> dict:
-    """results.json: final and best top-1/top-5 of the raw and EMA weights, and what produced them."""
+def run_record(cfg, task, trainer: L.Trainer, started: float | None = None) -> dict:
+    """results.json: the final and best validation metrics (top-1/top-5 of the raw and EMA weights, or mIoU/mAcc/aAcc),
+    and what produced them."""
     history = task.history
-    metrics = sorted({k for row in history for k in row if k != "epoch"})
+    metrics = sorted({k for row in history for k in row if k not in ("epoch", "step")})
     wandb_ids = [lg.version for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
     return {
         "run_name": cfg.run_name,
-        "task": "classification",
+        "task": cfg.task.get("name", "classification"),
         "table": cfg.get("table"),
         "table_preset": cfg.get("table_preset"),
         "experiment": HydraConfig.get().runtime.choices.get("experiment"),

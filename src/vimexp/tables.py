@@ -68,24 +68,34 @@ def _train(args: list[str], multirun: bool):
         raise VimexpError(f"training failed: {' '.join(cmd)} (its output is above)")
 
 
-def run_missing(table: dict, preset: str, runs: Path, extra: list[str], force: bool, only=None):
-    base = [f"table={table['name']}", f"table_preset={preset}", *table["presets"][preset], *extra]
+def tasks_of(table: dict) -> dict[str, dict]:
+    """{task: its presets}: the table's own task (`task`, default classification) with `presets`, and each other task
+    that a column names with its `task_presets` (Table 4's mIoU column: the rows again, as segmentation runs)."""
+    main = table.get("task", "classification")
+    return {main: table["presets"], **table.get("task_presets", {})}
+
+
+def run_missing(table: dict, preset: str, runs: Path, extra: list[str], force: bool, only=None, tasks=None):
     sweep = table["sweep"]
     trained = [r for r in table["rows"] if not r.get("cited") and (not only or row_value(r, preset) in only)]
     done = {} if force else find_results(runs, table, preset)
-    first = [row_value(r, preset) for r in trained if not r.get("init_from")
-             and ("classification", row_value(r, preset)) not in done]
-    if first:
-        _train([*base, f"{sweep}={','.join(first)}"], multirun=len(first) > 1)
-    for row in trained:  # rows that start from another row's weights
-        if not row.get("init_from") or ("classification", row_value(row, preset)) in done:
+    for task, presets in tasks_of(table).items():
+        if tasks and task not in tasks:
             continue
-        source = next(r for r in trained if r["label"] == row["init_from"])
-        record = find_results(runs, table, preset).get(("classification", row_value(source, preset)))
-        if record is None:
-            raise VimexpError(f"{row['label']} starts from {source['label']}, which has no finished run")
-        ckpt = Path(record["output_dir"]) / "checkpoints" / "last.ckpt"
-        _train([*base, f"{sweep}={row_value(row, preset)}", f"model.init_from={ckpt}"], multirun=False)
+        base = [f"table={table['name']}", f"table_preset={preset}", *presets[preset], *extra]
+        first = [row_value(r, preset) for r in trained if not r.get("init_from")
+                 and (task, row_value(r, preset)) not in done]
+        if first:
+            _train([*base, f"{sweep}={','.join(first)}"], multirun=len(first) > 1)
+        for row in trained:  # rows that start from another row's weights
+            if not row.get("init_from") or (task, row_value(row, preset)) in done:
+                continue
+            source = next(r for r in trained if r["label"] == row["init_from"])
+            record = find_results(runs, table, preset).get((task, row_value(source, preset)))
+            if record is None:
+                raise VimexpError(f"{row['label']} starts from {source['label']}, which has no finished run")
+            ckpt = Path(record["output_dir"]) / "checkpoints" / "last.ckpt"
+            _train([*base, f"{sweep}={row_value(row, preset)}", f"model.init_from={ckpt}"], multirun=False)
 
 
 def render(table: dict, preset: str, results: dict) -> tuple[str, list[dict]]:
@@ -93,17 +103,17 @@ def render(table: dict, preset: str, results: dict) -> tuple[str, list[dict]]:
     rows = []
     for row in table["rows"]:
         value = row_value(row, preset)
-        cls = results.get(("classification", value))
+        main = results.get((table.get("task", "classification"), value))
         cells = {"row": row["label"]}
         for col, paper in zip(table["columns"], row.get("paper") or [None] * len(table["columns"])):
-            ours = None if row.get("cited") else metric(results.get((col.get("task", "classification"), value)),
-                                                        col["metric"])
+            task = col.get("task", table.get("task", "classification"))
+            ours = None if row.get("cited") else metric(results.get((task, value)), col["metric"])
             cells[f"{col['name']} (ours)"] = "cited" if row.get("cited") else ours
             cells[f"{col['name']} (paper)"] = paper
             cells[f"{col['name']} (diff)"] = round(ours - paper, 2) if None not in (ours, paper) and not \
                 row.get("cited") else None
-        cells["run"] = str(Path(cls["_path"]).parent) if cls else None
-        cells["wandb"] = cls.get("wandb_run_id") if cls else None
+        cells["run"] = str(Path(main["_path"]).parent) if main else None
+        cells["wandb"] = main.get("wandb_run_id") if main else None
         rows.append(cells)
     show = lambda v: "—" if v is None else str(v)  # noqa: E731
     header = list(rows[0])
@@ -124,6 +134,7 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="run every row again")
     p.add_argument("--render-only", action="store_true", help="only render what is already in --runs")
     p.add_argument("--rows", help="run only these rows (comma-separated swept values, e.g. bidir_none,bidir_ssm)")
+    p.add_argument("--tasks", help="run only these tasks' columns (comma-separated, e.g. classification)")
     p.epilog = "Extra overrides for every row go after --, e.g. -- data.root=/data/imagenet"
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -136,7 +147,7 @@ def main(argv=None):
         start = time.time()
         if not args.render_only:
             run_missing(table, args.preset, args.runs, args.overrides, args.force,
-                        args.rows.split(",") if args.rows else None)
+                        args.rows.split(",") if args.rows else None, args.tasks.split(",") if args.tasks else None)
         markdown, rows = render(table, args.preset, find_results(args.runs, table, args.preset))
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"{args.table}_{args.preset}"

@@ -56,9 +56,10 @@ def train(cfg) -> dict:
     record = run_record(cfg, task, trainer, started)
     if trainer.is_global_zero:
         write_json(out / "results.json", record)
-        best = record["best"].get("val/acc1")
+        monitor = cfg.task.get("monitor", "val/acc1")
+        best = record["best"].get(monitor)
         print(f"results in {out.resolve()} (results.json, checkpoints/, metrics.csv)"
-              + (f": best val top-1 {best:.2f}%" if best is not None else ""))
+              + (f": best {monitor} {best:.2f}%" if best is not None else ""))
     return record
 
 

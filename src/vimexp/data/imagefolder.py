@@ -1,19 +1,14 @@
 """ImageFolder datamodule (ImageNet layout: root/train/<class>/*.jpg, root/val/<class>/*.jpg) with timm's transforms."""
-import random
 from pathlib import Path
 
-import lightning as L
-import numpy as np
-import torch
 from PIL import Image
 from timm.data import create_transform
-from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vimexp import VimexpError
 from vimexp.data import compat  # noqa: F401  (RandAugment on current Pillow)
+from vimexp.data.sampling import ShardedDataModule, seeded
 from vimexp.data.synthetic import ensure_imagefolder
 
 
@@ -33,17 +28,8 @@ class CheckedImageFolder(ImageFolder):
         if not isinstance(index, tuple):
             return super().__getitem__(index)
         index, epoch, salt = index
-        py_state, np_state = random.getstate(), np.random.get_state()  # timm draws from torch, random and numpy
-        with torch.random.fork_rng(devices=[]):
-            sample_seed = hash((self.seed, epoch, index, salt)) % 2**32
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            np.random.seed(sample_seed)
-            try:
-                return super().__getitem__(index)
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with seeded(self.seed, epoch, index, salt):
+            return super().__getitem__(index)
 
     @staticmethod
     def _load(path):
@@ -52,31 +38,6 @@ class CheckedImageFolder(ImageFolder):
                 return Image.open(f).convert("RGB")
         except Exception as e:
             raise VimexpError(f"can't read image {path} ({type(e).__name__}: {e}): delete or replace the file") from None
-
-
-class EpochIndexSampler(torch.utils.data.Sampler):
-    """Wraps a sampler to yield (index, epoch, salt), so that the dataset can seed each sample's augmentation.
-
-    The salt is (-1, -1), unless `rank` is given for a sampler that yields an image more than once per epoch (repeated
-    augmentation): then it is (rank, position), so that each copy is augmented differently. Only ints: their hash is
-    the same in every process (None's is not, before Python 3.12).
-    """
-
-    def __init__(self, sampler, rank: int | None = None):
-        self.sampler, self.epoch, self.rank = sampler, 0, rank
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        if self.rank is None:
-            return ((i, self.epoch, (-1, -1)) for i in self.sampler)
-        return ((i, self.epoch, (self.rank, pos)) for pos, i in enumerate(self.sampler))
-
-    def __len__(self):
-        return len(self.sampler)
 
 
 def check_layout(root: Path, splits=("train", "val")) -> list[str]:
@@ -106,7 +67,7 @@ def check_layout(root: Path, splits=("train", "val")) -> list[str]:
     return classes[first]
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(ShardedDataModule):
     """Train/val loaders. `batch_size` is global: each of the trainer's processes loads batch_size / world_size."""
 
     def __init__(self, root, num_classes, img_size=224, batch_size=1024, num_workers=8, generate=False,
@@ -136,40 +97,3 @@ class ImageFolderDataModule(L.LightningDataModule):
         eval_tf = create_transform(**common, is_training=False, crop_pct=h.crop_pct)
         self.train_set = CheckedImageFolder(self.root / "train", train_tf, seed=self.hparams.seed)
         self.val_set = CheckedImageFolder(self.root / val_split, eval_tf)
-
-    @property
-    def per_device_batch(self) -> int:
-        world = self.trainer.world_size if self.trainer else 1
-        if self.hparams.batch_size % world:
-            raise VimexpError(f"data.batch_size={self.hparams.batch_size} (global) does not split over {world} "
-                              "processes: make it a multiple of the number of devices x nodes")
-        return self.hparams.batch_size // world
-
-    def _loader(self, dataset, train, sampler=None):
-        h = self.hparams
-        return DataLoader(dataset, batch_size=self.per_device_batch, shuffle=train and sampler is None,
-                          sampler=sampler, num_workers=h.num_workers, pin_memory=h.pin_memory and torch.cuda.is_available(),
-                          drop_last=train, persistent_workers=False)
-
-    @property
-    def _world(self) -> tuple[int, int]:
-        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-
-    # The trainer is built with use_distributed_sampler=False: the loaders shard themselves over the processes.
-    def train_dataloader(self):
-        world, rank = self._world
-        if self.hparams.repeated_aug and world > 1:  # DeiT's repeated augmentation (distributed only)
-            sampler = RepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, num_repeats=3)
-            return self._loader(self.train_set, True, EpochIndexSampler(sampler, rank=rank))
-        # One permutation per (seed, epoch), dealt round-robin: global batch k holds the same images on any number of
-        # processes, and a resumed run sees the same batches as a straight one.
-        sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=self.hparams.seed, drop_last=True)
-        return self._loader(self.train_set, True, EpochIndexSampler(sampler))
-
-    def val_dataloader(self):
-        world, rank = self._world
-        sampler = None
-        if world > 1:  # pads the last shard with repeats, as Lightning's own sampler would
-            sampler = torch.utils.data.DistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
-        return self._loader(self.val_set, False, sampler)

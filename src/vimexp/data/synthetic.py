@@ -245,3 +245,60 @@ def ensure_imagefolder(root, **params) -> Path:
               f"{meta['size']}px; once) ...", flush=True)
         _write(root, meta)
     return root
+
+
+# ----- semantic segmentation: the ADE20K layout
+ADE_SPLITS = {"training": 0, "validation": 1}
+
+
+def _ade_meta(*, train: int = 2000, val: int = 200, size: int = 64, seed: int = 0) -> dict:
+    return {"format": "vimexp-ade20k", "version": GENERATOR_VERSION, "classes": list(CLASSES), "training": train,
+            "validation": val, "size": size, "seed": seed}
+
+
+def _write_ade20k(root: Path, meta: dict) -> Path:
+    """Scenes of 1-4 objects whose annotation PNGs hold 0 (background: ADE20K's "other", ignored in training) or
+    k + 1 for CLASSES[k], under ADEChallengeData2016/{images,annotations}/{training,validation}/ADE_<split>_<i>."""
+    for stale in root.parent.glob(f".{root.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    try:
+        for split, split_id in ADE_SPLITS.items():
+            images, annotations = (tmp / "ADEChallengeData2016" / kind / split for kind in ("images", "annotations"))
+            images.mkdir(parents=True)
+            annotations.mkdir(parents=True)
+            for i in range(meta[split]):
+                rng = np.random.default_rng([meta["seed"], 10 + split_id, i])
+                scene = make_scene(rng, meta["size"], max_distractors=3, scale=(0.3, 0.6))
+                name = f"ADE_{'train' if split == 'training' else 'val'}_{i:08d}"
+                Image.fromarray(scene.image).save(images / f"{name}.jpg", quality=95)
+                Image.fromarray(scene.semantic_map().astype(np.uint8)).save(annotations / f"{name}.png")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def ensure_ade20k(root, **params) -> Path:
+    """Return `root` if it holds a complete built-in ADE20K-layout dataset with these parameters, else write it once.
+    The dataset itself is root/ADEChallengeData2016."""
+    root = Path(root)
+    meta = _ade_meta(**params)
+
+    def complete() -> bool:
+        try:
+            return json.loads((root / META_FILE).read_text()) == meta
+        except (OSError, ValueError):
+            return False
+
+    if not complete():
+        with _lock(root):
+            if not complete():
+                print(f"vimexp: generating built-in segmentation dataset at {root} ({meta['training']} + "
+                      f"{meta['validation']} scenes, {meta['size']}px, ADE20K layout; once) ...", flush=True)
+                _write_ade20k(root, meta)
+    return root

@@ -37,11 +37,18 @@ def extract_state_dict(ckpt: dict, use_ema: bool = False) -> dict:
 
 def adapt_pos_embed(model, sd: dict) -> dict:
     """Resample pos_embed to the model's grid (another resolution or stride), class tokens kept in place."""
-    if "pos_embed" not in sd or sd["pos_embed"].shape == model.pos_embed.shape:
+    if "pos_embed" not in sd:
         return sd
     sd = dict(sd)
-    if hasattr(model, "resample_pos_embed"):
-        sd["pos_embed"] = model.resample_pos_embed(sd["pos_embed"])
+    if hasattr(model, "resample_pos_embed"):  # Vim: the checkpoint's class tokens, by its keys
+        tokens = [k for k in ("cls_token", "cls_token_head", "cls_token_tail") if k in sd]
+        src_pool = {0: "mean", 2: "double"}.get(len(tokens)) or (model.pool if model.num_cls_tokens == 1 else "middle")
+        sd["pos_embed"] = model.resample_pos_embed(sd["pos_embed"], src_pool)
+        for key in tokens:
+            if not hasattr(model, key):  # a backbone without class token (segmentation) drops them
+                del sd[key]
+    elif sd["pos_embed"].shape == model.pos_embed.shape:
+        return sd
     else:  # timm ViT: prefix tokens in front
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(model.patch_embed.grid_size),
                                                  num_prefix_tokens=model.num_prefix_tokens)

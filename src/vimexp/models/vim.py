@@ -28,6 +28,11 @@ BIDIRECTIONAL = {
 POOLS = ("mean", "max", "head", "double", "middle")
 
 
+def cls_token_positions(pool: str, num_patches: int) -> list[int]:
+    """Sequence indices of the class token(s) of `pool` among `num_patches` patch tokens."""
+    return {"head": [0], "middle": [num_patches // 2], "double": [0, num_patches + 1]}.get(pool, [])
+
+
 class VimMixer(nn.Module):
     """Mamba mixer with Vim's backward branch. bimamba: 'none' (unidirectional), 'v1' (extra backward scan with its own
     A, sharing conv/x_proj/dt_proj/D) or 'v2' (a complete backward branch; only in_proj and out_proj are shared)."""
@@ -202,8 +207,7 @@ class VisionMamba(nn.Module):
     # ----- token layout
     def cls_positions(self, num_patches=None) -> list[int]:
         """Sequence indices of the class token(s) for a sequence of `num_patches` patches."""
-        m = self.patch_embed.num_patches if num_patches is None else num_patches
-        return {"head": [0], "middle": [m // 2], "double": [0, m + 1]}.get(self.pool, [])
+        return cls_token_positions(self.pool, self.patch_embed.num_patches if num_patches is None else num_patches)
 
     def _tokens(self, x):
         x = self.patch_embed(x)
@@ -273,22 +277,30 @@ class VisionMamba(nn.Module):
         return dict(stem=r"^cls_token|^cls_token_head|^cls_token_tail|^pos_embed|^patch_embed",
                     blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
 
-    def resample_pos_embed(self, pos_embed: torch.Tensor) -> torch.Tensor:
-        """Fit a checkpoint's pos_embed (same class-token layout, any square grid) to this model: interpolate the
-        patch grid bicubically and keep each class-token row where this layout puts it."""
-        if pos_embed.shape == self.pos_embed.shape:
+    def resample_pos_embed(self, pos_embed: torch.Tensor, src_pool: str | None = None) -> torch.Tensor:
+        """Fit a checkpoint's pos_embed (any square grid, class tokens laid out as for `src_pool`, by default this
+        model's) to this model: interpolate the patch grid bicubically, keep each class-token row where this layout
+        puts it, and drop the source's class-token rows if this model has none (a segmentation backbone from a
+        middle-class-token checkpoint: the official code's bug #108)."""
+        src_pool = src_pool or self.pool
+        if pos_embed.shape == self.pos_embed.shape and src_pool == self.pool:
             return pos_embed
-        src_m = pos_embed.shape[1] - self.num_cls_tokens
+        src_n = {"head": 1, "middle": 1, "double": 2}.get(src_pool, 0)
+        src_m = pos_embed.shape[1] - src_n
         side = int(round(math.sqrt(src_m)))
         if side * side != src_m:
             raise VimexpError(f"checkpoint pos_embed has {pos_embed.shape[1]} rows: not a square grid plus "
-                              f"{self.num_cls_tokens} class token(s) of pool={self.pool!r}")
-        src_cls = self.cls_positions(src_m)
+                              f"{src_n} class token(s) of pool={src_pool!r}")
+        if self.num_cls_tokens and src_n != self.num_cls_tokens:
+            raise VimexpError(f"checkpoint has {src_n} class token(s), this model (pool={self.pool!r}) needs "
+                              f"{self.num_cls_tokens}: build the model with the checkpoint's pool")
+        src_cls = cls_token_positions(src_pool, src_m)
         grid_rows = [i for i in range(pos_embed.shape[1]) if i not in src_cls]
         grid = pos_embed[:, grid_rows].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
         grid = F.interpolate(grid, size=self.patch_embed.grid_size, mode="bicubic", align_corners=False)
         grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
         out = list(grid.unbind(1))
-        for pos, src in zip(self.cls_positions(), src_cls):  # ascending positions: insert in order
-            out.insert(pos, pos_embed[:, src])
+        if self.num_cls_tokens:
+            for pos, src in zip(self.cls_positions(), src_cls):  # ascending positions: insert in order
+                out.insert(pos, pos_embed[:, src])
         return torch.stack(out, 1)

@@ -1,0 +1,99 @@
+"""What every datamodule shares: per-sample seeded augmentation, and loaders that shard themselves over processes."""
+import random
+from contextlib import contextmanager
+
+import lightning as L
+import numpy as np
+import torch
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader
+
+from vimexp import VimexpError
+
+
+@contextmanager
+def seeded(*key: int | tuple):
+    """torch, random and numpy (all three feed timm's and torchvision's transforms) seeded from `key` alone, whatever
+    else used them; the process's RNG states come back afterwards. Keys hold ints only: their hash is the same in every
+    process (None's is not, before Python 3.12)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        sample_seed = hash(key) % 2**32
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class EpochIndexSampler(torch.utils.data.Sampler):
+    """Wraps a sampler to yield (index, epoch, salt), so that the dataset can seed each sample's augmentation.
+
+    The salt is (-1, -1), unless `rank` is given for a sampler that yields an image more than once per epoch (repeated
+    augmentation): then it is (rank, position), so that each copy is augmented differently. Only ints: their hash is
+    the same in every process (None's is not, before Python 3.12).
+    """
+
+    def __init__(self, sampler, rank: int | None = None):
+        self.sampler, self.epoch, self.rank = sampler, 0, rank
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        if self.rank is None:
+            return ((i, self.epoch, (-1, -1)) for i in self.sampler)
+        return ((i, self.epoch, (self.rank, pos)) for pos, i in enumerate(self.sampler))
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class ShardedDataModule(L.LightningDataModule):
+    """Train/val loaders over `self.train_set` / `self.val_set` (set in `setup`), which take (index, epoch, salt) keys
+    for seeded augmentation. `hparams.batch_size` is global: each of the trainer's processes loads batch_size /
+    world_size. The trainer is built with use_distributed_sampler=False: the loaders shard themselves."""
+
+    val_batch_size: int | None = None  # None: the per-device training batch
+
+    @property
+    def per_device_batch(self) -> int:
+        world = self.trainer.world_size if self.trainer else 1
+        if self.hparams.batch_size % world:
+            raise VimexpError(f"data.batch_size={self.hparams.batch_size} (global) does not split over {world} "
+                              "processes: make it a multiple of the number of devices x nodes")
+        return self.hparams.batch_size // world
+
+    def _loader(self, dataset, train, sampler=None):
+        h = self.hparams
+        batch = self.per_device_batch if train or self.val_batch_size is None else self.val_batch_size
+        return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None,
+                          sampler=sampler, num_workers=h.num_workers, pin_memory=h.pin_memory and torch.cuda.is_available(),
+                          drop_last=train, persistent_workers=False)
+
+    @property
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+
+    def train_dataloader(self):
+        world, rank = self._world
+        if self.hparams.get("repeated_aug") and world > 1:  # DeiT's repeated augmentation (distributed only)
+            sampler = RepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, num_repeats=3)
+            return self._loader(self.train_set, True, EpochIndexSampler(sampler, rank=rank))
+        # One permutation per (seed, epoch), dealt round-robin: global batch k holds the same images on any number of
+        # processes, and a resumed run sees the same batches as a straight one.
+        sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=self.hparams.seed, drop_last=True)
+        return self._loader(self.train_set, True, EpochIndexSampler(sampler))
+
+    def val_dataloader(self):
+        world, rank = self._world
+        sampler = None
+        if world > 1:  # pads the last shard with repeats, as Lightning's own sampler would
+            sampler = torch.utils.data.DistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(self.val_set, False, sampler)
