@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from vimexp.data.synthetic import ensure_imagefolder
+from vimexp.data.synthetic import ensure_ade20k, ensure_imagefolder
 from vimexp.run import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +19,20 @@ TINY_RUN = ["++model.depth=2", "++model.embed_dim=32", "data.batch_size=16", "da
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return ensure_imagefolder(tmp_path_factory.mktemp("data") / "shapes", **TINY_DATA)
+
+
+TINY_SEG_DATA = {"train": 32, "val": 4, "size": 48, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_seg_data(tmp_path_factory) -> Path:
+    """The built-in segmentation scenes in the ADE20K layout: returns the ADEChallengeData2016 folder."""
+    return ensure_ade20k(tmp_path_factory.mktemp("seg") / "builtin", **TINY_SEG_DATA) / "ADEChallengeData2016"
+
+
+def seg_data_overrides(root) -> list[str]:
+    params = ",".join(f"{k}:{v}" for k, v in TINY_SEG_DATA.items())
+    return [f"data.root={root}", f"data.generate_params={{{params}}}", "data.crop_size=48", "data.scale=[192,48]"]
 
 
 def data_overrides(root) -> list[str]:

@@ -8,21 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import compose_cfg, run_cli
+from conftest import TINY_SEG_DATA, compose_cfg, run_cli
 from vimexp import VimexpError
 from vimexp.data.ade20k import ADE20K, ADE20KDataModule, EvalTransform, rescale_size
-from vimexp.data.synthetic import ensure_ade20k
 from vimexp.models import create_model, load_checkpoint
 from vimexp.run import build_task
 from vimexp.tasks.segmentation import param_groups, slide_logits
-
-SEG_DATA = {"train": 32, "val": 4, "size": 48, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def seg_root(tmp_path_factory):
-    return ensure_ade20k(tmp_path_factory.mktemp("seg") / "builtin", **SEG_DATA) / "ADEChallengeData2016"
-
 
 def _write_pair(root, split, name, label, size=(20, 30)):
     for kind in ("images", "annotations"):
@@ -55,8 +46,8 @@ def test_bad_annotations_fail_in_one_line(tmp_path):
         ADE20K(tmp_path, "validation")
 
 
-def test_training_crops_are_padded_with_ignored_labels_and_reproducible(seg_root):
-    dm = ADE20KDataModule(seg_root, num_classes=10, batch_size=4, num_workers=0, crop_size=64, scale=(96, 24),
+def test_training_crops_are_padded_with_ignored_labels_and_reproducible(tiny_seg_data):
+    dm = ADE20KDataModule(tiny_seg_data, num_classes=10, batch_size=4, num_workers=0, crop_size=64, scale=(96, 24),
                           ratio_range=(1.0, 1.0))  # images rescaled to 24 px: smaller than the crop
     dm.setup()
     image, label = dm.train_set[(0, 0, (-1, -1))]
@@ -141,7 +132,7 @@ def test_a_middle_class_token_checkpoint_loads_into_the_backbone_without_one(tmp
 
 
 def test_cli_trains_and_records_miou_and_previews(tmp_path):
-    params = ",".join(f"{k}:{v}" for k, v in SEG_DATA.items())
+    params = ",".join(f"{k}:{v}" for k, v in TINY_SEG_DATA.items())
     run = run_cli("train", "experiment=builtin_seg", "debug=limit", f"data.root={tmp_path}/seg/ADEChallengeData2016",
                   f"data.generate_params={{{params}}}", "data.batch_size=4", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -158,3 +149,9 @@ def test_cli_trains_and_records_miou_and_previews(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     evaluated = json.loads(next((tmp_path / "logs" / "eval").rglob("results.json")).read_text())
     assert evaluated["final"]["val/mIoU"] == pytest.approx(record["best"]["val/mIoU"], abs=1e-4)
+
+
+def test_upernet_vim_ti_has_the_official_parameter_count(tmp_path):
+    cfg = compose_cfg(["experiment=ade20k_upernet_vim_ti", "data.root=/unused", "model.kernel=torch"], tmp_path)
+    params = build_task(cfg).num_params  # seg/tools/analysis_tools/vim-t-upernet.txt: 12,901,100
+    assert abs(params - 12_901_100) < 1000, params

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, compose_cfg, data_overrides, run_cli
+from conftest import TINY_RUN, compose_cfg, data_overrides, run_cli, seg_data_overrides
 from vimexp.models import create_model
 from vimexp.run import CONF_DIR
 from vimexp.train import train
@@ -13,7 +13,20 @@ from vimexp.train import train
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+SEGMENTATION = [e for e in EXPERIMENTS if e.startswith(("ade20k", "builtin_seg"))]
+
+
+@pytest.mark.parametrize("experiment", SEGMENTATION)
+def test_every_segmentation_experiment_composes_and_runs_a_step(experiment, tiny_seg_data, tmp_path):
+    tiny = ["++model.depth=4", "++model.embed_dim=48", "task.channels=32", "task.slide_stride=32"]
+    tiny.append("task.out_indices=[3]" if "segmenter" in experiment else "task.out_indices=[0,1,2,3]")
+    cfg = compose_cfg([f"experiment={experiment}", "debug=fdr", *seg_data_overrides(tiny_seg_data),
+                       "data.num_classes=10", "data.batch_size=4", "data.num_workers=0", *tiny], tmp_path)
+    record = train(cfg)
+    assert record["task"] == "segmentation" and "val/mIoU" in record["final"]
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in SEGMENTATION])
 def test_every_experiment_composes_and_runs_a_step(experiment, tiny_data, tmp_path):
     tiny_model = ["++model.depth=2", "++model.embed_dim=48"]
     if "swin" in experiment or "hier_vim" in experiment:  # 4 stages; width 24 splits over Swin's 3/6/12/24 heads

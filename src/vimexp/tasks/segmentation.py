@@ -20,14 +20,15 @@ from vimexp.tasks.seg_heads import FCNHead, SegmenterHead, UperNetHead
 
 class Segmenter(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, decoder: str = "upernet", out_indices=(5, 11, 17, 23),
-                 channels: int = 192, aux_channels: int = 256, aux_index: int = 2, segmenter_depth: int = 2):
+                 channels: int = 192, aux_channels: int = 256, aux_convs: int = 2, aux_index: int = 2,
+                 segmenter_depth: int = 2):
         super().__init__()
         self.backbone, self.decoder, self.out_indices, self.aux_index = backbone, decoder, tuple(out_indices), aux_index
         dim = backbone.embed_dim
         if decoder == "upernet":
             self.neck = SimpleFeaturePyramid(dim)
             self.decode_head = UperNetHead([dim] * 4, channels, num_classes)
-            self.aux_head = FCNHead(dim, aux_channels, num_classes) if aux_channels else None
+            self.aux_head = FCNHead(dim, aux_channels, num_classes, aux_convs) if aux_channels else None
         elif decoder == "segmenter":
             self.decode_head = SegmenterHead(dim, num_classes, depth=segmenter_depth)
             self.aux_head = None
@@ -106,16 +107,18 @@ def poly_with_warmup(step: int, total: int, warmup: int, warmup_ratio: float = 1
 class SegmentationTask(L.LightningModule):
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
                  decoder: str = "upernet", out_indices=(5, 11, 17, 23), channels: int = 192, aux_channels: int = 256,
-                 aux_weight: float = 0.4, segmenter_depth: int = 2, crop_size: int = 512, slide_stride: int = 341,
-                 num_preview: int = 4):
+                 aux_convs: int = 2, aux_weight: float = 0.4, segmenter_depth: int = 2, crop_size: int = 512,
+                 slide_stride: int = 341, num_preview: int = 4):
         super().__init__()
         self.save_hyperparameters()
         model = dict(model)
         init_from, init_ignore = model.pop("init_from", None), tuple(model.pop("init_ignore", None) or ())
+        if model["name"].startswith("vim"):  # no class token in a segmentation backbone (official: if_cls_token=False)
+            model["pool"] = "mean"
         backbone = create_model(**{**model, "img_size": crop_size, "num_classes": 0})
         if init_from:  # a classification checkpoint: its head is left out, pos_embed fitted to the crop
             load_checkpoint(backbone, init_from, ignore=("head.", *init_ignore))
-        self.model = Segmenter(backbone, num_classes, decoder, out_indices, channels, aux_channels,
+        self.model = Segmenter(backbone, num_classes, decoder, out_indices, channels, aux_channels, aux_convs,
                                segmenter_depth=segmenter_depth)
         self.metrics = nn.ModuleDict({
             "mIoU": MulticlassJaccardIndex(num_classes, ignore_index=IGNORE, average="macro"),
