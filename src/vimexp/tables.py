@@ -11,6 +11,7 @@ A table is defined in experiments/<name>.yaml: its rows (each one value of a swe
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -129,7 +130,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m vimexp.tables", description=__doc__.split("\n")[0])
     p.add_argument("table", help="table1, table4, table5, ... (experiments/<table>.yaml)")
     p.add_argument("--preset", default="builtin", help="builtin (2-core CPU scale) or paper (the paper's recipe)")
-    p.add_argument("--runs", type=Path, default=ROOT / "logs", help="where to look for finished runs")
+    p.add_argument("--runs", type=Path, default=Path(os.environ.get("VIMEXP_ROOT", ROOT)) / "logs",
+                   help="where to look for finished runs (default: where training writes them, paths.log_dir)")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="where the table goes")
     p.add_argument("--force", action="store_true", help="run every row again")
     p.add_argument("--render-only", action="store_true", help="only render what is already in --runs")
