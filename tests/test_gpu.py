@@ -81,6 +81,11 @@ def test_full_vim_ti_agrees(precision):
     _compare("vim_ti", precision)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bf16_autocast"])
+def test_recomputing_mixer_agrees(precision):  # the fused one-node-per-direction cuda path (recompute=True)
+    _compare("vim_ti", precision, recompute=True)
+
+
 @pytest.mark.parametrize("variant", [dict(bidirectional="none", pool="mean"), dict(bidirectional="ssm", pool="head"),
                                      dict(bidirectional="block", pool="double"), dict(bidirectional="sequence", pool="max")])
 def test_ablation_variants_agree(variant):

@@ -54,7 +54,7 @@ class HierVimStage(nn.Module):
 
 class HierVim(nn.Module):
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 5, 2),
-                 mlp_ratio=3.5, drop_path_rate=0.2, d_state=16, expand=2, bimamba="v2", kernel="auto"):
+                 mlp_ratio=3.5, drop_path_rate=0.2, d_state=16, expand=2, bimamba="v2", kernel="auto", recompute=False):
         super().__init__()
         self.kernel = resolve_kernel(kernel)
         self.num_classes = num_classes
@@ -63,7 +63,7 @@ class HierVim(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
                                       output_fmt="NHWC")
         dpr = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
-        mixer = dict(d_state=d_state, expand=expand, bimamba=bimamba, kernel=self.kernel)
+        mixer = dict(d_state=d_state, expand=expand, bimamba=bimamba, kernel=self.kernel, recompute=recompute)
         self.stages = nn.Sequential(*(
             HierVimStage(PatchMerging(dims[i - 1], dims[i]) if i else nn.Identity(),
                          [HierVimBlock(dims[i], mlp_ratio, next(dpr), **mixer) for _ in range(depth)])

@@ -45,17 +45,21 @@ def resolve_kernel(kernel: str) -> str:
 
 @functools.cache
 def get_ops(kernel: str) -> SimpleNamespace:
-    """selective_scan, causal_conv1d and rms_norm for a resolved kernel name ('cuda' or 'torch')."""
+    """selective_scan, causal_conv1d, rms_norm and (cuda only, else None) mixer_branch, the fused conv-projections-scan
+    of one mixer direction, for a resolved kernel name ('cuda' or 'torch')."""
     if kernel == "torch":
         return SimpleNamespace(selective_scan=selective_scan_torch, causal_conv1d=causal_conv1d_torch,
-                               rms_norm=rms_norm_torch)
+                               rms_norm=rms_norm_torch, mixer_branch=None)
     from causal_conv1d import causal_conv1d_fn
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+
+    from vimexp.ops.mixer_branch import mixer_branch
 
     def causal_conv1d_cuda(x, weight, bias=None, activation=None):
         # the kernel wants weight and bias in the activation dtype (bf16 under autocast)
         return causal_conv1d_fn(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
                                 activation=activation)
 
-    return SimpleNamespace(selective_scan=selective_scan_fn, causal_conv1d=causal_conv1d_cuda, rms_norm=rms_norm_fn)
+    return SimpleNamespace(selective_scan=selective_scan_fn, causal_conv1d=causal_conv1d_cuda, rms_norm=rms_norm_fn,
+                           mixer_branch=mixer_branch)
