@@ -38,8 +38,7 @@ class VimMixer(nn.Module):
     A, sharing conv/x_proj/dt_proj/D) or 'v2' (a complete backward branch; only in_proj and out_proj are shared).
     recompute (cuda kernels, bimamba none/v2): each direction runs as one autograd node that recomputes the conv output
     and dt in the backward, as the official fused mixer does: 27-30% less training memory (the official peak), 2-9%
-    slower on an H100
-    (experiments/results/bench_h100/train_recompute)."""
+    slower on an H100 (experiments/results/bench_h100/train_recompute)."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, bimamba="v2", divide_out=True, kernel="torch",
                  recompute=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
