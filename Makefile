@@ -3,7 +3,7 @@ PY ?= python
 .PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table2 table4 table5 table7 fig1 fig3 bench-train bench-train-hier
 
 help:  ## list targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 install:  ## set up: CPU torch pinned, vimexp editable with test extras
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
