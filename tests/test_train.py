@@ -24,6 +24,7 @@ def test_every_segmentation_experiment_composes_and_runs_a_step(experiment, tiny
                        "data.num_classes=10", "data.batch_size=4", "data.num_workers=0", *tiny], tmp_path)
     record = train(cfg)
     assert record["task"] == "segmentation" and "val/mIoU" in record["final"]
+    assert list((tmp_path / "previews").glob("val_step*.png"))  # in the run directory, whatever the loggers
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in SEGMENTATION])

@@ -122,7 +122,7 @@ def build_trainer(cfg, callbacks=(), loggers=()) -> L.Trainer:
     if SLURMEnvironment.detect():  # submitit owns preemption and timeout requeue; Lightning's own would race it
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=list(callbacks),
-                     logger=list(loggers) or False, plugins=plugins,
+                     logger=list(loggers) or False, plugins=plugins, default_root_dir=cfg.paths.output_dir,
                      use_distributed_sampler=False)  # the datamodule shards its loaders itself
 
 

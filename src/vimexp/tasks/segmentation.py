@@ -167,8 +167,7 @@ class SegmentationTask(L.LightningModule):
     def _log_preview(self):
         if not self.preview or not self.trainer.is_global_zero:
             return
-        out = self.trainer.log_dir or self.trainer.default_root_dir
-        path = preview_grid(self.preview, self.hparams.num_classes, out, self.global_step)
+        path = preview_grid(self.preview, self.hparams.num_classes, self.trainer.default_root_dir, self.global_step)
         for logger in self.trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image("val/preview", [str(path)], step=self.global_step)
