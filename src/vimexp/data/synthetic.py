@@ -185,13 +185,28 @@ def _lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write(root: Path, meta: dict) -> Path:
+def _write_atomically(root: Path, meta: dict, fill) -> Path:
+    """Write a dataset into a temporary sibling with `fill(tmp)`, then the metadata file (its presence marks a complete
+    dataset), then rename it into place. Call with the lock held."""
     # Leftovers of interrupted runs are safe to delete: we hold the lock, so nobody is writing them.
     for stale in root.parent.glob(f".{root.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"  # unique per process; we hold the lock
     tmp.mkdir()
     try:
+        fill(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _write(root: Path, meta: dict) -> Path:
+    def fill(tmp: Path):
         for split, split_id in _SPLITS.items():
             n = meta[f"{split}_per_class"]
             for label, name in enumerate(CLASSES):
@@ -202,15 +217,8 @@ def _write(root: Path, meta: dict) -> Path:
                     rng = np.random.default_rng([meta["seed"], split_id, label, i])
                     scene = make_scene(rng, meta["size"], label=label)
                     Image.fromarray(scene.image).save(d / f"{i:05d}.jpg", quality=95)
-        # The metadata file is written last: its presence marks a complete dataset.
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return _write_atomically(root, meta, fill)
 
 
 def write_imagefolder(root, *, train_per_class: int = 500, val_per_class: int = 100, size: int = 32, seed: int = 0) -> Path:
@@ -259,10 +267,7 @@ def _ade_meta(*, train: int = 2000, val: int = 200, size: int = 64, seed: int = 
 def _write_ade20k(root: Path, meta: dict) -> Path:
     """Scenes of 1-4 objects whose annotation PNGs hold 0 (background: ADE20K's "other", ignored in training) or
     k + 1 for CLASSES[k], under ADEChallengeData2016/{images,annotations}/{training,validation}/ADE_<split>_<i>."""
-    for stale in root.parent.glob(f".{root.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    try:
+    def fill(tmp: Path):
         for split, split_id in ADE_SPLITS.items():
             images, annotations = (tmp / "ADEChallengeData2016" / kind / split for kind in ("images", "annotations"))
             images.mkdir(parents=True)
@@ -273,14 +278,8 @@ def _write_ade20k(root: Path, meta: dict) -> Path:
                 name = f"ADE_{'train' if split == 'training' else 'val'}_{i:08d}"
                 Image.fromarray(scene.image).save(images / f"{name}.jpg", quality=95)
                 Image.fromarray(scene.semantic_map().astype(np.uint8)).save(annotations / f"{name}.png")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return _write_atomically(root, meta, fill)
 
 
 def ensure_ade20k(root, **params) -> Path:

@@ -1,7 +1,5 @@
 """Image classification as a LightningModule: DeiT's recipe (Mixup/CutMix, label smoothing, AdamW with no-decay
 groups, warmup + cosine per epoch, EMA evaluated beside the raw weights) around any registered backbone."""
-import time
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -14,9 +12,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from vimexp.models import create_model, load_checkpoint
+from vimexp.tasks.bookkeeping import RunBookkeeping
 
 
-class ClassificationTask(L.LightningModule):
+class ClassificationTask(RunBookkeeping, L.LightningModule):
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
                  mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
                  mixup_mode: str = "batch", smoothing: float = 0.1, ema_decay: float | None = 0.99996):
@@ -36,7 +35,7 @@ class ClassificationTask(L.LightningModule):
         self.val_acc = torch.nn.ModuleDict({
             f"{w}_{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
             for w in (["raw", "ema"] if self.ema else ["raw"]) for k in (1, min(5, num_classes))})
-        self.history, self.img_per_sec, self._timer = [], None, None
+        self.history = []
 
     @property
     def num_params(self) -> int:
@@ -86,9 +85,9 @@ class ClassificationTask(L.LightningModule):
         # DeiT steps the schedule after each epoch with that epoch's index: epoch e > 0 runs at lr(e - 1).
         self.lr_schedule.step(epoch=max(self.current_epoch - 1, 0))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        self._timer = None
+        super().on_train_epoch_start()
 
-    # ----- bookkeeping: validation history (for best-of-run results) and training throughput
+    # ----- validation history (for best-of-run results); throughput and checkpointing it: RunBookkeeping
     def on_validation_epoch_end(self):
         metrics = {}
         for key, metric in self.val_acc.items():
@@ -100,23 +99,7 @@ class ClassificationTask(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.history.append({"epoch": self.current_epoch, **metrics})
 
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["val_history"] = self.history
-
-    def on_load_checkpoint(self, checkpoint):
-        self.history = checkpoint.get("val_history", [])
-
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        if self._timer is None:  # start after the first batch: worker start-up and lazy initialisation excluded
-            self._timer = [time.perf_counter(), 0]
-        else:
-            self._timer[1] += batch[0].shape[0]
-
-    def on_train_epoch_end(self):
-        if self._timer and self._timer[1]:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.img_per_sec = self._timer[1] * self.trainer.world_size / (time.perf_counter() - self._timer[0])
-            self.log("train/img_per_sec", self.img_per_sec)
+        super().on_train_batch_end(outputs, batch, batch_idx)

@@ -2,7 +2,6 @@
 pyramid -> UperNet + auxiliary FCN (Table 2), or its last map -> a Segmenter mask transformer (Table 4); the recipe of
 the official Vim configs: AdamW with layer-wise lr decay, linear warm-up then poly decay per iteration, sliding-window
 evaluation, mIoU / mAcc / aAcc over the whole validation set."""
-import time
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from vimexp import VimexpError
 from vimexp.data.ade20k import IGNORE
 from vimexp.models import create_model, load_checkpoint
+from vimexp.tasks.bookkeeping import RunBookkeeping
 from vimexp.tasks.necks import SimpleFeaturePyramid, intermediate_maps
 from vimexp.tasks.seg_heads import FCNHead, SegmenterHead, UperNetHead
 
@@ -104,7 +104,7 @@ def poly_with_warmup(step: int, total: int, warmup: int, warmup_ratio: float = 1
     return poly
 
 
-class SegmentationTask(L.LightningModule):
+class SegmentationTask(RunBookkeeping, L.LightningModule):
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
                  decoder: str = "upernet", out_indices=(5, 11, 17, 23), channels: int = 192, aux_channels: int = 256,
                  aux_convs: int = 2, aux_weight: float = 0.4, segmenter_depth: int = 2, crop_size: int = 512,
@@ -124,7 +124,7 @@ class SegmentationTask(L.LightningModule):
             "mIoU": MulticlassJaccardIndex(num_classes, ignore_index=IGNORE, average="macro"),
             "mAcc": MulticlassAccuracy(num_classes, ignore_index=IGNORE, average="macro"),
             "aAcc": MulticlassAccuracy(num_classes, ignore_index=IGNORE, average="micro")})
-        self.history, self.img_per_sec, self._timer, self.preview = [], None, None, []
+        self.history, self.preview = [], []
 
     @property
     def num_params(self) -> int:
@@ -182,28 +182,6 @@ class SegmentationTask(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_with_warmup(
             step, total, s["warmup_steps"], s.get("warmup_ratio", 1e-6), s.get("power", 1.0)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["val_history"] = self.history
-
-    def on_load_checkpoint(self, checkpoint):
-        self.history = checkpoint.get("val_history", [])
-
-    def on_train_epoch_start(self):
-        self._timer = None
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self._timer is None:  # from the second batch on: start-up excluded
-            self._timer = [time.perf_counter(), 0]
-        else:
-            self._timer[1] += batch[0].shape[0]
-
-    def on_train_epoch_end(self):
-        if self._timer and self._timer[1]:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.img_per_sec = self._timer[1] * self.trainer.world_size / (time.perf_counter() - self._timer[0])
-            self.log("train/img_per_sec", self.img_per_sec)
 
 
 def preview_grid(previews, num_classes: int, out_dir, step: int) -> Path:

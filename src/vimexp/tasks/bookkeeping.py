@@ -1,0 +1,37 @@
+"""What every task keeps beside its training: the validation history (results.json's best-of-run; it travels in the
+checkpoints so a resumed run still knows it) and each epoch's training images/s."""
+import time
+
+import torch
+
+
+class RunBookkeeping:
+    """Mixin for a LightningModule (list it first): tasks append their validation metrics to `self.history`;
+    `self.img_per_sec` is measured from the second batch of each epoch on (worker start-up and lazy initialisation
+    excluded). Tasks that override these hooks call super()."""
+
+    history: list
+    img_per_sec: float | None = None
+    _timer: list | None = None
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["val_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint):
+        self.history = checkpoint.get("val_history", [])
+
+    def on_train_epoch_start(self):
+        self._timer = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._timer is None:
+            self._timer = [time.perf_counter(), 0]
+        else:
+            self._timer[1] += batch[0].shape[0]
+
+    def on_train_epoch_end(self):
+        if self._timer and self._timer[1]:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.img_per_sec = self._timer[1] * self.trainer.world_size / (time.perf_counter() - self._timer[0])
+            self.log("train/img_per_sec", self.img_per_sec)
