@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from vimexp.data.synthetic import ensure_ade20k, ensure_imagefolder
+from vimexp.data.synthetic import ensure_ade20k, ensure_coco, ensure_imagefolder
 from vimexp.run import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,20 @@ def tiny_seg_data(tmp_path_factory) -> Path:
 def seg_data_overrides(root) -> list[str]:
     params = ",".join(f"{k}:{v}" for k, v in TINY_SEG_DATA.items())
     return [f"data.root={root}", f"data.generate_params={{{params}}}", "data.crop_size=48", "data.scale=[192,48]"]
+
+
+TINY_DET_DATA = {"train": 16, "val": 4, "size": 64, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_det_data(tmp_path_factory) -> Path:
+    """The built-in detection scenes in the COCO layout."""
+    return ensure_coco(tmp_path_factory.mktemp("det") / "builtin", **TINY_DET_DATA)
+
+
+def det_data_overrides(root) -> list[str]:
+    params = ",".join(f"{k}:{v}" for k, v in TINY_DET_DATA.items())
+    return [f"data.root={root}", f"data.generate_params={{{params}}}", "data.size=64", "data.num_classes=10"]
 
 
 def data_overrides(root) -> list[str]:

@@ -13,7 +13,8 @@ from vimexp import VimexpError
 from vimexp.data.ade20k import ADE20K, ADE20KDataModule, EvalTransform, rescale_size
 from vimexp.models import create_model, load_checkpoint
 from vimexp.run import build_task
-from vimexp.tasks.segmentation import param_groups, slide_logits
+from vimexp.tasks.optim import param_groups
+from vimexp.tasks.segmentation import slide_logits
 
 def _write_pair(root, split, name, label, size=(20, 30)):
     for kind in ("images", "annotations"):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, compose_cfg, data_overrides, run_cli, seg_data_overrides
+from conftest import TINY_RUN, compose_cfg, data_overrides, det_data_overrides, run_cli, seg_data_overrides
 from vimexp.models import create_model
 from vimexp.run import CONF_DIR
 from vimexp.train import train
@@ -14,6 +14,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 SEGMENTATION = [e for e in EXPERIMENTS if e.startswith(("ade20k", "builtin_seg"))]
+DETECTION = [e for e in EXPERIMENTS if e.startswith(("coco", "builtin_det"))]
 
 
 @pytest.mark.parametrize("experiment", SEGMENTATION)
@@ -27,7 +28,21 @@ def test_every_segmentation_experiment_composes_and_runs_a_step(experiment, tiny
     assert list((tmp_path / "previews").glob("val_step*.png"))  # in the run directory, whatever the loggers
 
 
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in SEGMENTATION])
+@pytest.mark.parametrize("experiment", DETECTION)
+def test_every_detection_experiment_composes_and_runs_a_step(experiment, tiny_det_data, tmp_path):
+    tiny = ["++model.depth=2", "++model.embed_dim=24", "task.channels=16", "task.fc_dim=32",
+            "task.anchor_sizes=[8,16,32,64,128]", "task.roi_per_image=32"]
+    if "deit" in experiment:  # ViTDet's windows and global blocks on an 8x8 grid of 8 px patches
+        tiny = [*tiny, "++model.patch_size=8", "++model.window_size=4", "++model.num_heads=3",
+                "++model.global_attn_indexes=[1]"]
+    cfg = compose_cfg([f"experiment={experiment}", "debug=fdr", *det_data_overrides(tiny_det_data),
+                       "data.batch_size=2", "data.num_workers=0", "trainer.precision=32", *tiny], tmp_path)
+    record = train(cfg)
+    assert record["task"] == "detection" and "val/box_AP" in record["final"] and "val/mask_AP" in record["final"]
+    assert list((tmp_path / "previews").glob("val_step*.png"))
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in SEGMENTATION + DETECTION])
 def test_every_experiment_composes_and_runs_a_step(experiment, tiny_data, tmp_path):
     tiny_model = ["++model.depth=2", "++model.embed_dim=48"]
     if "swin" in experiment or "hier_vim" in experiment:  # 4 stages; width 24 splits over Swin's 3/6/12/24 heads

@@ -20,8 +20,10 @@ from omegaconf import OmegaConf
 
 from vimexp import VimexpError
 from vimexp.data.ade20k import ADE20KDataModule
+from vimexp.data.coco import CocoDataModule
 from vimexp.data.imagefolder import ImageFolderDataModule
 from vimexp.tasks.classification import ClassificationTask
+from vimexp.tasks.detection import DetectionTask
 from vimexp.tasks.segmentation import SegmentationTask
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -80,8 +82,8 @@ def _last_line(e: Exception) -> str:
     return str(e).strip().splitlines()[-1].split("VimexpError: ", 1)[-1]
 
 
-DATAMODULES = {"imagefolder": ImageFolderDataModule, "ade20k": ADE20KDataModule}  # by data.format
-TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask}  # by task.name
+DATAMODULES = {"imagefolder": ImageFolderDataModule, "ade20k": ADE20KDataModule, "coco": CocoDataModule}  # by data.format
+TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask, "detection": DetectionTask}  # by task.name
 
 
 def build_datamodule(cfg, **overrides):

@@ -60,6 +60,7 @@ class ShardedDataModule(L.LightningDataModule):
     world_size. The trainer is built with use_distributed_sampler=False: the loaders shard themselves."""
 
     val_batch_size: int | None = None  # None: the per-device training batch
+    collate_fn = None  # None: torch's default
 
     @property
     def per_device_batch(self) -> int:
@@ -74,7 +75,8 @@ class ShardedDataModule(L.LightningDataModule):
         batch = self.per_device_batch if train or self.val_batch_size is None else self.val_batch_size
         return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None,
                           sampler=sampler, num_workers=h.num_workers, pin_memory=h.pin_memory and torch.cuda.is_available(),
-                          drop_last=train, persistent_workers=False)
+                          drop_last=train, persistent_workers=False,
+                          collate_fn=self.collate_fn)
 
     @property
     def _world(self) -> tuple[int, int]:

@@ -282,12 +282,8 @@ def _write_ade20k(root: Path, meta: dict) -> Path:
     return _write_atomically(root, meta, fill)
 
 
-def ensure_ade20k(root, **params) -> Path:
-    """Return `root` if it holds a complete built-in ADE20K-layout dataset with these parameters, else write it once.
-    The dataset itself is root/ADEChallengeData2016."""
-    root = Path(root)
-    meta = _ade_meta(**params)
-
+def _ensure_once(root: Path, meta: dict, write, what: str) -> Path:
+    """Return `root` if its metadata file says it holds this dataset, else write it (`write(root, meta)`) once."""
     def complete() -> bool:
         try:
             return json.loads((root / META_FILE).read_text()) == meta
@@ -297,7 +293,69 @@ def ensure_ade20k(root, **params) -> Path:
     if not complete():
         with _lock(root):
             if not complete():
-                print(f"vimexp: generating built-in segmentation dataset at {root} ({meta['training']} + "
-                      f"{meta['validation']} scenes, {meta['size']}px, ADE20K layout; once) ...", flush=True)
-                _write_ade20k(root, meta)
+                print(f"vimexp: generating {what} at {root} (once) ...", flush=True)
+                write(root, meta)
     return root
+
+
+def ensure_ade20k(root, **params) -> Path:
+    """Return `root` if it holds a complete built-in ADE20K-layout dataset with these parameters, else write it once.
+    The dataset itself is root/ADEChallengeData2016."""
+    meta = _ade_meta(**params)
+    return _ensure_once(Path(root), meta, _write_ade20k, f"the built-in segmentation dataset ({meta['training']} + "
+                        f"{meta['validation']} scenes, {meta['size']} px, ADE20K layout)")
+
+
+# ----- detection and instance segmentation: the COCO layout
+COCO_SPLITS = {"train2017": 0, "val2017": 1}
+
+
+def _coco_meta(*, train: int = 2000, val: int = 200, size: int = 64, seed: int = 0) -> dict:
+    return {"format": "vimexp-coco", "version": GENERATOR_VERSION, "classes": list(CLASSES), "train2017": train,
+            "val2017": val, "size": size, "seed": seed}
+
+
+def coco_annotations(scenes, names: list[str], start_id: int = 1) -> dict:
+    """A COCO instances dict of `scenes` (saved as `names`): categories 1..10 = CLASSES, one annotation per visible
+    object with its box [x, y, w, h], area and mask as compressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    images, annotations = [], []
+    for image_id, (scene, name) in enumerate(zip(scenes, names), start=1):
+        h, w = scene.image.shape[:2]
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        for obj in scene.objects:
+            if not obj.mask.any():  # hidden by a later object
+                continue
+            rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
+            x, y, bw, bh = mask_utils.toBbox(rle).tolist()
+            annotations.append({"id": start_id + len(annotations), "image_id": image_id, "category_id": obj.label + 1,
+                                "bbox": [x, y, bw, bh], "area": float(mask_utils.area(rle)), "iscrowd": 0,
+                                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _write_coco(root: Path, meta: dict) -> Path:
+    """Scenes of 1-4 objects under {train2017,val2017}/<i:012d>.jpg with annotations/instances_<split>.json."""
+    def fill(tmp: Path):
+        (tmp / "annotations").mkdir()
+        for split, split_id in COCO_SPLITS.items():
+            (tmp / split).mkdir()
+            scenes, names = [], []
+            for i in range(meta[split]):
+                rng = np.random.default_rng([meta["seed"], 20 + split_id, i])
+                scenes.append(make_scene(rng, meta["size"], max_distractors=3, scale=(0.3, 0.6)))
+                names.append(f"{i + 1:012d}.jpg")
+                Image.fromarray(scenes[-1].image).save(tmp / split / names[-1], quality=95)
+            ann = coco_annotations(scenes, names)
+            (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(ann))
+
+    return _write_atomically(root, meta, fill)
+
+
+def ensure_coco(root, **params) -> Path:
+    """Return `root` if it holds a complete built-in COCO-layout dataset with these parameters, else write it once."""
+    meta = _coco_meta(**params)
+    return _ensure_once(Path(root), meta, _write_coco, f"the built-in detection dataset ({meta['train2017']} + "
+                        f"{meta['val2017']} scenes, {meta['size']} px, COCO layout)")

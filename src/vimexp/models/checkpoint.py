@@ -49,6 +49,13 @@ def adapt_pos_embed(model, sd: dict) -> dict:
                 del sd[key]
     elif sd["pos_embed"].shape == model.pos_embed.shape:
         return sd
+    elif model.pos_embed.ndim == 4:  # ViTDet (1, H, W, D) from a classification ViT: prefix tokens and final norm go
+        prefix = [k for k in ("cls_token", "dist_token") if k in sd]
+        grid = list(model.pos_embed.shape[1:3])
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"][:, len(prefix):], grid, num_prefix_tokens=0
+                                                 ).reshape(1, *grid, -1)
+        for key in (*prefix, "norm.weight", "norm.bias"):
+            sd.pop(key, None)
     else:  # timm ViT: prefix tokens in front
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(model.patch_embed.grid_size),
                                                  num_prefix_tokens=model.num_prefix_tokens)

@@ -1,5 +1,5 @@
 """What every task keeps beside its training: the validation history (results.json's best-of-run; it travels in the
-checkpoints so a resumed run still knows it) and each epoch's training images/s."""
+checkpoints so a resumed run still knows it), each epoch's training images/s, and preview images for W&B."""
 import time
 
 import torch
@@ -13,6 +13,12 @@ class RunBookkeeping:
     history: list
     img_per_sec: float | None = None
     _timer: list | None = None
+
+    def log_preview(self, path):
+        """Send a validation preview PNG (already written under the run directory) to W&B, if it logs there."""
+        for logger in self.trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image("val/preview", [str(path)], step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["val_history"] = self.history

@@ -15,6 +15,7 @@ from vimexp.data.ade20k import IGNORE
 from vimexp.models import create_model, load_checkpoint
 from vimexp.tasks.bookkeeping import RunBookkeeping
 from vimexp.tasks.necks import SimpleFeaturePyramid, intermediate_maps
+from vimexp.tasks.optim import dense_optimizers
 from vimexp.tasks.seg_heads import FCNHead, SegmenterHead, UperNetHead
 
 
@@ -65,43 +66,6 @@ def slide_logits(net, image: torch.Tensor, num_classes: int, crop: int, stride: 
 def _starts(size: int, crop: int, stride: int) -> list[int]:
     grids = max(size - crop + stride - 1, 0) // stride + 1
     return [max(min(i * stride + crop, size) - crop, 0) for i in range(grids)]
-
-
-def param_groups(model: Segmenter, lr: float, weight_decay: float, layer_decay: float | None, mode: str) -> list[dict]:
-    """AdamW groups with BEiT's layer-wise lr decay over a depth-L backbone: layer id 0 for the patch/pos embedding,
-    i + 1 for layer i, L + 1 for necks and heads; lr x rate^(L + 1 - id). mode 'official' reproduces what the released
-    configs did: their decay looked for `blocks.*`, so every Mamba layer landed in group L + 1 (rate^0) and only the
-    embeddings were decayed (rate^(L + 1)); and pos_embed was weight-decayed. 'intended' decays every layer and
-    exempts pos_embed. 1-d parameters and biases never get weight decay."""
-    if mode not in ("official", "intended"):
-        raise VimexpError(f"unknown layer_decay_mode {mode!r}: choose official or intended")
-    backbone = model.backbone
-    depth = len(getattr(backbone, "layers", None) or backbone.blocks)
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer_id = depth + 1
-        if name.startswith("backbone."):
-            short = name[len("backbone."):]
-            if short.startswith(("patch_embed", "pos_embed", "cls_token")):
-                layer_id = 0
-            elif mode == "intended" and short.startswith(("layers.", "blocks.")):
-                layer_id = int(short.split(".")[1]) + 1
-        scale = layer_decay ** (depth + 1 - layer_id) if layer_decay else 1.0
-        no_decay = p.ndim == 1 or name.endswith(".bias") or (mode == "intended" and "pos_embed" in name)
-        group = groups.setdefault((scale, no_decay), {"params": [], "lr": lr * scale, "lr_scale": scale,
-                                                      "weight_decay": 0.0 if no_decay else weight_decay})
-        group["params"].append(p)
-    return list(groups.values())
-
-
-def poly_with_warmup(step: int, total: int, warmup: int, warmup_ratio: float = 1e-6, power: float = 1.0) -> float:
-    """The lr factor of MMSeg's poly schedule (min 0) with linear warm-up from warmup_ratio."""
-    poly = (1 - min(step, total) / total) ** power
-    if step < warmup:
-        return poly * (1 - (1 - step / warmup) * (1 - warmup_ratio))
-    return poly
 
 
 class SegmentationTask(RunBookkeeping, L.LightningModule):
@@ -165,23 +129,12 @@ class SegmentationTask(RunBookkeeping, L.LightningModule):
         self.preview = []
 
     def _log_preview(self):
-        if not self.preview or not self.trainer.is_global_zero:
-            return
-        path = preview_grid(self.preview, self.hparams.num_classes, self.trainer.default_root_dir, self.global_step)
-        for logger in self.trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                logger.log_image("val/preview", [str(path)], step=self.global_step)
+        if self.preview and self.trainer.is_global_zero:
+            self.log_preview(preview_grid(self.preview, self.hparams.num_classes, self.trainer.default_root_dir,
+                                          self.global_step))
 
     def configure_optimizers(self):
-        o, s = self.hparams.optimizer, self.hparams.scheduler
-        lr = o["lr"] * self.hparams.global_batch_size / o["base_batch"] if o.get("scale_lr") else o["lr"]
-        groups = param_groups(self.model, lr, o["weight_decay"], o.get("layer_decay"),
-                              o.get("layer_decay_mode", "official"))
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.get("betas", (0.9, 0.999))))
-        total = self.trainer.estimated_stepping_batches
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_with_warmup(
-            step, total, s["warmup_steps"], s.get("warmup_ratio", 1e-6), s.get("power", 1.0)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return dense_optimizers(self)
 
 
 def preview_grid(previews, num_classes: int, out_dir, step: int) -> Path:
