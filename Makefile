@@ -1,6 +1,6 @@
 # make help: list targets
 PY ?= python
-.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table2 table4 table5 table7 fig1 fig3 bench-train bench-train-hier
+.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table2 table3 table4 table5 table7 fig1 fig3 bench-train bench-train-hier
 
 help:  ## list targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ gpu-test:  ## on a CUDA machine with mamba-ssm: GPU tests, cuda-vs-torch compari
 
 PRESET ?= builtin
 TABLE_ARGS ?=
-table1 table2 table4 table5 table7:  ## a paper table: run its missing rows, render experiments/results/<table>_$(PRESET).md (PRESET=builtin|paper)
+table1 table2 table3 table4 table5 table7:  ## a paper table: run its missing rows, render experiments/results/<table>_$(PRESET).md (PRESET=builtin|paper)
 	$(PY) -m vimexp.tables $@ --preset $(PRESET) $(TABLE_ARGS)
 
 fig1:  ## Figure 1 on the GPU: Vim-Ti vs DeiT-Ti inference throughput and memory vs resolution

@@ -175,6 +175,7 @@ def run_record(cfg, task, trainer: L.Trainer, started: float | None = None) -> d
         "train_img_per_sec": task.img_per_sec,
         "wall_seconds": round(time.time() - started, 1) if started else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "precision": str(trainer.precision),
         "world_size": trainer.world_size,
         "git_commit": git_commit(),
