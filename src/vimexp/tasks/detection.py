@@ -65,7 +65,8 @@ class CascadeStage(nn.Module):
         (detectron2's smooth-L1 with beta 0)."""
         labels_cat = torch.cat(labels)
         fg = labels_cat > 0
-        gt = torch.cat([t["boxes"][m.clamp(min=0)] for t, m in zip(targets, matched)])
+        gt = torch.cat([t["boxes"][m.clamp(min=0)] if len(t["boxes"]) else torch.zeros(len(m), 4, device=m.device)
+                        for t, m in zip(targets, matched)])  # background rows are placeholders, never used
         goal = self.coder.encode_single(gt[fg], torch.cat(proposals)[fg])
         box_loss = F.l1_loss(deltas[fg], goal, reduction="sum") / max(labels_cat.numel(), 1)
         return F.cross_entropy(logits, labels_cat), box_loss
