@@ -36,9 +36,9 @@ def cls_token_positions(pool: str, num_patches: int) -> list[int]:
 class VimMixer(nn.Module):
     """Mamba mixer with Vim's backward branch. bimamba: 'none' (unidirectional), 'v1' (extra backward scan with its own
     A, sharing conv/x_proj/dt_proj/D) or 'v2' (a complete backward branch; only in_proj and out_proj are shared).
-    recompute (cuda kernels, bimamba none/v2): each direction runs as one autograd node that recomputes the conv output
-    and dt in the backward, as the official fused mixer does: 27-30% less training memory (the official peak), 2-9%
-    slower on an H100 (experiments/results/bench_h100/train_recompute)."""
+    On the cuda kernels each direction (bimamba none/v2) runs as one autograd node (vimexp.ops.mixer_branch);
+    recompute makes it recompute the conv output in the backward, as the official fused mixer does: 27-30% less
+    training memory (the official peak), 2-9% slower on an H100 (experiments/results/bench_h100/train_recompute)."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, bimamba="v2", divide_out=True, kernel="torch",
                  recompute=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
@@ -79,10 +79,10 @@ class VimMixer(nn.Module):
 
     def _scan(self, x, z, conv, x_proj, dt_proj, A_log, D, ops, conv_out=None):
         """One direction on channel-major (batch, E, L) inputs: causal conv + SiLU, input-dependent dt/B/C, scan, gate."""
-        if self.recompute and conv_out is None and ops.mixer_branch is not None:  # cuda: one autograd node
+        if conv_out is None and ops.mixer_branch is not None:  # cuda: one autograd node
             return ops.mixer_branch(x, z, conv.weight.squeeze(1), conv.bias, x_proj.weight, dt_proj.weight,
                                     -torch.exp(A_log.float()), D.float(), dt_proj.bias.float(), self.dt_rank,
-                                    self.d_state)
+                                    self.d_state, recompute=self.recompute)
         if conv_out is None:
             conv_out = ops.causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu")
         x_dbl = F.linear(conv_out.transpose(1, 2), x_proj.weight)  # (batch, L, dt_rank + 2N)

@@ -1,9 +1,10 @@
 """One scan direction of the Vim mixer on the cuda kernels as a single autograd node.
 
 causal conv + SiLU -> x_proj -> dt_proj -> selective scan with the SiLU(z) gate. Kept for the backward: the inputs,
-x_proj's output and the scan's checkpoints; the conv output and dt are recomputed there (cheap elementwise/GEMM work)
-instead of stored. Per layer and direction that saves two (batch, E, L) activations and a few layout copies, which
-is what separate autograd nodes for the conv, the projections and the scan cost in memory and traffic.
+x_proj's output, the scan's checkpoints and (unless `recompute`) the conv output; dt is recomputed there (a small
+GEMM) and, with `recompute`, the conv output too, as the official fused mixer does. Against separate autograd nodes
+for the conv, the projections and the scan this saves the layout copies between them (dt made contiguous, x_dbl
+split and its gradient concatenated, reshapes) and, with `recompute`, two (batch, E, L) activations per direction.
 """
 import selective_scan_cuda
 import torch
@@ -23,23 +24,26 @@ def _projections(conv_out, x_proj_w, dt_proj_w, dt_rank, d_state):
 
 class MixerBranchFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, z, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, dt_rank, d_state):
+    def forward(ctx, x, z, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, dt_rank, d_state, recompute):
         dtype = x.dtype  # the activations' dtype (bf16 under autocast): the GEMMs and the conv run in it
         conv_w, conv_b = conv_w.to(dtype).contiguous(), conv_b.to(dtype).contiguous()
         x_proj_w, dt_proj_w = x_proj_w.to(dtype), dt_proj_w.to(dtype)
         conv_out = causal_conv1d_fwd_function(x, conv_w, conv_b, None, None, None, True)
         x_dbl, delta, B, C = _projections(conv_out, x_proj_w, dt_proj_w, dt_rank, d_state)
         out, checkpoints, out_z = selective_scan_cuda.fwd(conv_out, delta, A, B, C, D, z, dt_bias, True)
-        ctx.save_for_backward(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, B, C, D, dt_bias, checkpoints, out)
+        ctx.save_for_backward(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, B, C, D, dt_bias, checkpoints, out,
+                              None if recompute else conv_out)
         ctx.dt_rank, ctx.d_state = dt_rank, d_state
         return out_z
 
     @staticmethod
     def backward(ctx, dout_z):
-        x, z, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, B, C, D, dt_bias, checkpoints, out = ctx.saved_tensors
+        x, z, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, B, C, D, dt_bias, checkpoints, out, conv_out = \
+            ctx.saved_tensors
         r, n = ctx.dt_rank, ctx.d_state
         batch, e, length = x.shape
-        conv_out = causal_conv1d_fwd_function(x, conv_w, conv_b, None, None, None, True)  # recomputed
+        if conv_out is None:  # recompute
+            conv_out = causal_conv1d_fwd_function(x, conv_w, conv_b, None, None, None, True)
         delta = (dt_proj_w @ x_dbl[:, :r].t()).view(e, batch, length).transpose(0, 1)
         du, ddelta, dA, dB, dC, dD, ddt_bias, dz, *_ = selective_scan_cuda.bwd(
             conv_out, delta, A, B, C, D, z, dt_bias, dout_z.contiguous(), checkpoints, out, None, True, False)
@@ -54,9 +58,10 @@ class MixerBranchFn(torch.autograd.Function):
         dconv_out = du + (dx_dbl @ x_proj_w).view(batch, length, e).transpose(1, 2)
         dx, dconv_w, dconv_b, _ = causal_conv1d_bwd_function(x, conv_w, conv_b, dconv_out.contiguous(), None, None,
                                                              None, None, False, True)
-        return dx, dz, dconv_w, dconv_b, d_x_proj_w, d_dt_proj_w, dA, dD, ddt_bias, None, None
+        return dx, dz, dconv_w, dconv_b, d_x_proj_w, d_dt_proj_w, dA, dD, ddt_bias, None, None, None
 
 
-def mixer_branch(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, dt_rank: int, d_state: int):
+def mixer_branch(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, dt_rank: int, d_state: int,
+                 recompute: bool = False):
     """x, z: (batch, E, L) with L innermost; conv_w: (E, width); A: (E, N) float32. Returns SiLU(z) * scan(x)."""
-    return MixerBranchFn.apply(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, dt_rank, d_state)
+    return MixerBranchFn.apply(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, dt_rank, d_state, recompute)
