@@ -25,6 +25,7 @@ from vimexp.data.sampling import ShardedDataModule, seeded
 from vimexp.data.synthetic import ensure_coco
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6]
+AREAS = {"APs": (0, 32**2), "APm": (32**2, 96**2), "APl": (96**2, float("inf"))}  # COCOeval's object area ranges
 
 
 def _quiet():
@@ -162,8 +163,9 @@ def coco_results(coco_gt, detections: list[dict], iou_type: str) -> dict[str, fl
     score 0; an area range without ground truth objects (COCOeval's -1) is left out."""
     from pycocotools.cocoeval import COCOeval
 
-    if not detections:
-        return {k: 0.0 for k in METRICS}
+    if not detections:  # COCOeval can't load an empty result list: 0 where there was something to find
+        areas = [a["area"] for a in coco_gt.anns.values() if not a.get("iscrowd", 0)]
+        return {k: 0.0 for k in METRICS if k not in AREAS or any(lo <= a < hi for a in areas for lo, hi in [AREAS[k]])}
     with _quiet():
         evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), iou_type)
         evaluator.params.imgIds = sorted({d["image_id"] for d in detections} | set(evaluator.params.imgIds))
