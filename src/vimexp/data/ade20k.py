@@ -15,11 +15,10 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from vimexp import VimexpError
-from vimexp.data.sampling import ShardedDataModule, seeded
+from vimexp.data.sampling import SeededDataset, ShardedDataModule
 from vimexp.data.synthetic import ensure_ade20k
 
 IGNORE = 255
@@ -78,7 +77,7 @@ class EvalTransform:
         return (img.float() / 255 - self.mean) / self.std, torch.from_numpy(label).long()
 
 
-class ADE20K(Dataset):
+class ADE20K(SeededDataset):
     """(image, label) pairs of one split; labels shifted (0 -> 255 ignored, k -> k - 1) and range-checked."""
 
     def __init__(self, root, split: str, num_classes: int = 150, transform=None, seed: int = 0):
@@ -99,13 +98,6 @@ class ADE20K(Dataset):
 
     def __len__(self):
         return len(self.images)
-
-    def __getitem__(self, index):
-        epoch, salt = 0, (-1, -1)
-        if isinstance(index, tuple):  # (index, epoch, salt) from an EpochIndexSampler
-            index, epoch, salt = index
-        with seeded(self.seed, epoch, index, salt):
-            return self.transform(*self.load(index))
 
     def load(self, index) -> tuple[Image.Image, np.ndarray]:
         try:

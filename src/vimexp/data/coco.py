@@ -17,11 +17,10 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from vimexp import VimexpError
-from vimexp.data.sampling import ShardedDataModule, seeded
+from vimexp.data.sampling import SeededDataset, ShardedDataModule
 from vimexp.data.synthetic import ensure_coco
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6]
@@ -73,7 +72,7 @@ class EvalTransform:
         return img, {"image_id": target["image_id"], "image_size": (nh, nw), "scale": scale, "orig_size": (h, w)}
 
 
-class CocoDetection(Dataset):
+class CocoDetection(SeededDataset):
     """(image, target) pairs of one split; categories mapped to 1..C in id order (0 is the background)."""
 
     def __init__(self, root, split: str, transform=None, train: bool = False, seed: int = 0,
@@ -122,13 +121,6 @@ class CocoDetection(Dataset):
 
     def __len__(self):
         return len(self.ids)
-
-    def __getitem__(self, index):
-        epoch, salt = 0, (-1, -1)
-        if isinstance(index, tuple):  # (index, epoch, salt) from an EpochIndexSampler
-            index, epoch, salt = index
-        with seeded(self.seed, epoch, index, salt):
-            return self.transform(*self.load(index))
 
     def load(self, index) -> tuple[Image.Image, dict]:
         """The image and its non-crowd objects: boxes (N, 4) xyxy in pixels, labels (N,) in 1..C, masks (N, H, W)."""

@@ -29,6 +29,24 @@ def seeded(*key: int | tuple):
             np.random.set_state(np_state)
 
 
+class SeededDataset(torch.utils.data.Dataset):
+    """A dataset whose `load(index)` gives a sample's raw parts and whose `transform(*parts)` augments them, seeded per
+    sample: by (seed, epoch, index, salt) when an EpochIndexSampler hands it (index, epoch, salt) keys."""
+
+    seed: int = 0
+    transform = None
+
+    def load(self, index):
+        raise NotImplementedError
+
+    def __getitem__(self, index):
+        epoch, salt = 0, (-1, -1)
+        if isinstance(index, tuple):  # (index, epoch, salt) from an EpochIndexSampler
+            index, epoch, salt = index
+        with seeded(self.seed, epoch, index, salt):
+            return self.transform(*self.load(index))
+
+
 class EpochIndexSampler(torch.utils.data.Sampler):
     """Wraps a sampler to yield (index, epoch, salt), so that the dataset can seed each sample's augmentation.
 

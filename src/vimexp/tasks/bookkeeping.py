@@ -1,6 +1,7 @@
 """What every task keeps beside its training: the validation history (results.json's best-of-run; it travels in the
 checkpoints so a resumed run still knows it), each epoch's training images/s, and preview images for W&B."""
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,3 +42,15 @@ class RunBookkeeping:
                 torch.cuda.synchronize()
             self.img_per_sec = self._timer[1] * self.trainer.world_size / (time.perf_counter() - self._timer[0])
             self.log("train/img_per_sec", self.img_per_sec)
+
+
+def save_preview(fig, out_dir, step: int, dpi: int = 80) -> Path:
+    """Write a matplotlib preview figure to <out_dir>/previews/val_step<step>.png and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(out_dir) / "previews" / f"val_step{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

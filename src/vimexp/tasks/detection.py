@@ -19,9 +19,9 @@ from torchvision.models.detection.roi_heads import maskrcnn_inference, maskrcnn_
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image
 
-from vimexp.data.coco import METRICS, coco_results
+from vimexp.data.coco import coco_results
 from vimexp.models import create_model, load_checkpoint
-from vimexp.tasks.bookkeeping import RunBookkeeping
+from vimexp.tasks.bookkeeping import RunBookkeeping, save_preview
 from vimexp.tasks.necks import ViTDetPyramid, intermediate_maps
 from vimexp.tasks.optim import dense_optimizers
 
@@ -271,9 +271,4 @@ def preview_detections(previews, out_dir, step: int, min_score: float = 0.5) -> 
         ax.imshow(shown.permute(1, 2, 0).numpy())
         ax.set_title(f"image {target['image_id']}: {int(keep.sum())} detections > {min_score}", fontsize=8)
         ax.axis("off")
-    path = Path(out_dir) / "previews" / f"val_step{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_preview(fig, out_dir, step, dpi=100)

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from vimexp import VimexpError
 from vimexp.data.ade20k import IGNORE
 from vimexp.models import create_model, load_checkpoint
-from vimexp.tasks.bookkeeping import RunBookkeeping
+from vimexp.tasks.bookkeeping import RunBookkeeping, save_preview
 from vimexp.tasks.necks import SimpleFeaturePyramid, intermediate_maps
 from vimexp.tasks.optim import dense_optimizers
 from vimexp.tasks.seg_heads import FCNHead, SegmenterHead, UperNetHead
@@ -154,9 +154,4 @@ def preview_grid(previews, num_classes: int, out_dir, step: int) -> Path:
         for ax, title in zip(row, ("image", "ground truth", "prediction")):
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-    path = Path(out_dir) / "previews" / f"val_step{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_preview(fig, out_dir, step, dpi=80)
