@@ -105,8 +105,8 @@ class VimMixer(nn.Module):
             out = self._scan(x, z, *fwd, self.A_log, self.D, ops)
             out_b = self._scan(xb, zb, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, ops)
             out = out + out_b.flip(-1)
-            if self.divide_out:
-                out = out / 2
+            if self.divide_out:  # (out + out_b) / 2 through out_proj: the halving on the small weight, not the tokens
+                return F.linear(out.transpose(1, 2), self.out_proj.weight * 0.5)
         elif self.bimamba == "v1":  # the backward scan reuses the forward conv output, flipped
             conv_out = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
             out = self._scan(x, z, *fwd, self.A_log, self.D, ops, conv_out=conv_out)
