@@ -157,10 +157,10 @@ def coco_results(coco_gt, detections: list[dict], iou_type: str) -> dict[str, fl
 
     if not detections:  # COCOeval can't load an empty result list: 0 where there was something to find
         areas = [a["area"] for a in coco_gt.anns.values() if not a.get("iscrowd", 0)]
-        return {k: 0.0 for k in METRICS if k not in AREAS or any(lo <= a < hi for a in areas for lo, hi in [AREAS[k]])}
+        holds = lambda k: k not in AREAS or any(AREAS[k][0] <= a < AREAS[k][1] for a in areas)  # noqa: E731
+        return {k: 0.0 for k in METRICS if holds(k)}
     with _quiet():
         evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), iou_type)
-        evaluator.params.imgIds = sorted({d["image_id"] for d in detections} | set(evaluator.params.imgIds))
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
