@@ -1,0 +1,313 @@
+"""The bidirectional Vim mixer (bimamba v2) between in_proj and out_proj, fused in Triton: `kernel="fused"`.
+
+    xz (2E, batch*L) -> x, z;  for each direction d: xc_d = SiLU(conv_d(x)) (causal for d=0, anti-causal for d=1),
+    x_dbl_d = x_proj_d(xc_d) -> dt, B, C;  y_d = scan_d(xc_d, softplus(dt_proj_d(dt) + bias_d), A_d, B, C) + D_d xc_d
+    out = SiLU(z) * (y_0 + y_1)                                       (the halving stays on out_proj's weight)
+
+Everything stays in the layout in_proj writes, channel-major (channel, batch*L) with the tokens innermost, so the
+projections are plain GEMMs and nothing is ever flipped: the backward direction reads its tokens from the end
+(reverse indexing) and its conv is the mirror-image (anti-causal) filter. Kernels:
+- `_conv_fwd`: both convs + SiLU from one read of x;
+- `_scan_fwd`: one program per (batch, channel block) runs direction 0 then direction 1 over chunks of T tokens
+  (a parallel associative scan within a chunk, the state carried between chunks), adding the two directions and
+  applying the gate in place: the flip copies, the gate and the sum of the directions are gone;
+- `_scan_bwd`: the same walk backwards in time per direction, recomputing the states of each chunk from the
+  checkpoint the forward stored at its start, the adjoint state as a reverse associative scan, and every gradient
+  of the chunk at once; dB and dC are summed over the channel block in registers before the atomic adds;
+- `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (the conv output is recomputed, not stored).
+Every kernel computes in float32 whatever the activation dtype. See experiments/results/fused_scan/NOTES.md for
+what each choice was predicted to gain and what it measured.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _linear_combine(a1, b1, a2, b2):  # (a1, b1) then (a2, b2) of h -> a h + b
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+
+@triton.jit
+def _token(s, L, d: tl.constexpr):
+    """Token index of scan step s: direction 0 walks forwards, direction 1 from the end."""
+    if d == 0:
+        return s
+    else:
+        return L - 1 - s
+
+
+# ----------------------------------------------------------------------------------------------------- conv
+@triton.jit
+def _conv_pre(X, W, CB, e, e_ok, b, t, L, BL, E, d: tl.constexpr, K: tl.constexpr, BE: tl.constexpr,
+              BT: tl.constexpr):
+    """Pre-activation of direction d's depthwise conv at tokens t: causal (d=0) or its mirror image (d=1)."""
+    acc = tl.zeros([BE, BT], tl.float32) + tl.load(CB + d * E + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(K):
+        if d == 0:
+            src = t - (K - 1) + k
+        else:
+            src = t + (K - 1) - k
+        ok = e_ok[:, None] & ((src >= 0) & (src < L))[None, :]
+        xv = tl.load(X + e[:, None] * BL + b * L + src[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * xv
+    return acc
+
+
+@triton.jit
+def _conv_fwd(X, W, CB, XC, L, BL, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    b = tl.program_id(1)
+    e = tl.program_id(2) * BE + tl.arange(0, BE)
+    e_ok = e < E
+    ok = e_ok[:, None] & (t < L)[None, :]
+    for d in tl.static_range(2):
+        pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, BL, E, d, K, BE, BT)
+        tl.store(XC + (d * E + e[:, None]) * BL + b * L + t[None, :], pre * tl.sigmoid(pre), mask=ok)
+
+
+@triton.jit
+def _conv_bwd_dpre(X, W, CB, DXC, DPRE, DW, DCB, L, BL, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
+    """d(pre-activation) of both convs, and their weight and bias gradients (summed here over this tile)."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    b = tl.program_id(1)
+    e = tl.program_id(2) * BE + tl.arange(0, BE)
+    e_ok = e < E
+    ok = e_ok[:, None] & (t < L)[None, :]
+    for d in tl.static_range(2):
+        pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, BL, E, d, K, BE, BT)
+        sig = tl.sigmoid(pre)
+        off = (d * E + e[:, None]) * BL + b * L + t[None, :]
+        dpre = tl.load(DXC + off, mask=ok, other=0.0).to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
+        tl.store(DPRE + off, dpre, mask=ok)
+        tl.atomic_add(DCB + d * E + e, tl.sum(dpre, axis=1), mask=e_ok)
+        for k in tl.static_range(K):
+            if d == 0:
+                src = t - (K - 1) + k
+            else:
+                src = t + (K - 1) - k
+            xok = e_ok[:, None] & ((src >= 0) & (src < L))[None, :]
+            xv = tl.load(X + e[:, None] * BL + b * L + src[None, :], mask=xok, other=0.0).to(tl.float32)
+            tl.atomic_add(DW + (d * E + e) * K + k, tl.sum(dpre * xv, axis=1), mask=e_ok)
+
+
+@triton.jit
+def _conv_bwd_dx(W, DPRE, DX, L, BL, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    b = tl.program_id(1)
+    e = tl.program_id(2) * BE + tl.arange(0, BE)
+    e_ok = e < E
+    acc = tl.zeros([BE, BT], tl.float32)
+    for d in tl.static_range(2):
+        for k in tl.static_range(K):
+            if d == 0:  # x_t fed pre_0 at t + K-1-k and pre_1 at t - (K-1) + k
+                dst = t + (K - 1) - k
+            else:
+                dst = t - (K - 1) + k
+            ok = e_ok[:, None] & ((dst >= 0) & (dst < L))[None, :]
+            dp = tl.load(DPRE + (d * E + e[:, None]) * BL + b * L + dst[None, :], mask=ok, other=0.0)
+            acc += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * dp
+    tl.store(DX + e[:, None] * BL + b * L + t[None, :], acc, mask=e_ok[:, None] & (t < L)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------- scan
+@triton.jit
+def _chunk_inputs(U, XDBL, DT, A_, bias, e, e_ok, b, s, L, BL, E, R, d: tl.constexpr, N: tl.constexpr):
+    """One chunk of direction d (scan steps s): offsets, mask, u, raw dt, delta, B, C, the decay and the input."""
+    t = _token(s, L, d)
+    s_ok = s < L
+    n = tl.arange(0, N)
+    ok = e_ok[:, None] & s_ok[None, :]
+    off = e[:, None] * BL + b * L + t[None, :]
+    u = tl.load(U + d * E * BL + off, mask=ok, other=0.0).to(tl.float32)
+    dt_raw = tl.load(DT + d * E * BL + off, mask=ok, other=0.0).to(tl.float32) + bias[:, None]
+    delta = _softplus(dt_raw)
+    bc_off = (d * (R + 2 * N) + R + n[:, None]) * BL + b * L + t[None, :]
+    Bm = tl.load(XDBL + bc_off, mask=s_ok[None, :], other=0.0).to(tl.float32)
+    Cm = tl.load(XDBL + bc_off + N * BL, mask=s_ok[None, :], other=0.0).to(tl.float32)
+    decay = tl.exp(delta[:, None, :] * A_[:, :, None])  # (BD, N, T)
+    dbu = (delta * u)[:, None, :] * Bm[None, :, :]
+    return t, ok, off, u, dt_raw, delta, Bm, Cm, decay, dbu
+
+
+@triton.jit
+def _scan_fwd(U, XDBL, DT, Z, A, D, DTB, OUT, STATES, L, B, E, R, NCHUNK, N: tl.constexpr, BD: tl.constexpr,
+              T: tl.constexpr, STORE_STATES: tl.constexpr):
+    e = tl.program_id(0) * BD + tl.arange(0, BD)
+    b = tl.program_id(1)
+    BL = B * L
+    e_ok = e < E
+    n = tl.arange(0, N)
+    j = tl.arange(0, T)
+    for d in tl.static_range(2):
+        A_ = tl.load(A + (d * E + e[:, None]) * N + n[None, :], mask=e_ok[:, None], other=0.0)
+        Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
+        bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
+        h = tl.zeros([BD, N], tl.float32)
+        for c in range(NCHUNK):
+            t, ok, off, u, dt_raw, delta, Bm, Cm, decay, dbu = _chunk_inputs(
+                U, XDBL, DT, A_, bias, e, e_ok, b, c * T + j, L, BL, E, R, d, N)
+            acum, bcum = tl.associative_scan((decay, dbu), axis=2, combine_fn=_linear_combine)
+            hs = acum * h[:, :, None] + bcum
+            y = tl.sum(hs * Cm[None, :, :], axis=1) + Dd[:, None] * u
+            h = tl.sum(tl.where((j == T - 1)[None, None, :], hs, 0.0), axis=2)
+            if STORE_STATES:  # the state entering chunk c+1, for the backward
+                st = STATES + (((d * B + b) * E + e[:, None]) * (NCHUNK - 1) + c) * N + n[None, :]
+                tl.store(st, h, mask=e_ok[:, None] & (c < NCHUNK - 1))
+            if d == 0:
+                tl.store(OUT + off, y, mask=ok)
+            else:
+                zz = tl.load(Z + off, mask=ok, other=0.0).to(tl.float32)
+                y0 = tl.load(OUT + off, mask=ok, other=0.0).to(tl.float32)
+                tl.store(OUT + off, (y0 + y) * zz * tl.sigmoid(zz), mask=ok)
+        tl.debug_barrier()  # direction 1 reads what other threads of this program wrote in direction 0
+
+
+@triton.jit
+def _scan_bwd(U, XDBL, DT, Z, A, D, DTB, DOUT, STATES, DU, DDT, DBC, DZ, DA, DD, DDTB, L, B, E, R, NCHUNK,
+              N: tl.constexpr, BD: tl.constexpr, T: tl.constexpr):
+    e = tl.program_id(0) * BD + tl.arange(0, BD)
+    b = tl.program_id(1)
+    BL = B * L
+    e_ok = e < E
+    n = tl.arange(0, N)
+    j = tl.arange(0, T)
+    for d in tl.static_range(2):
+        A_ = tl.load(A + (d * E + e[:, None]) * N + n[None, :], mask=e_ok[:, None], other=0.0)
+        Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
+        bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
+        g_next = tl.zeros([BD, N], tl.float32)  # adjoint state at the first step of the chunk after this one
+        dA_acc = tl.zeros([BD, N], tl.float32)
+        dD_acc = tl.zeros([BD], tl.float32)
+        dbias_acc = tl.zeros([BD], tl.float32)
+        for ci in range(NCHUNK):
+            c = NCHUNK - 1 - ci
+            s = c * T + j
+            t, ok, off, u, dt_raw, delta, Bm, Cm, decay, dbu = _chunk_inputs(
+                U, XDBL, DT, A_, bias, e, e_ok, b, s, L, BL, E, R, d, N)
+            # states of the chunk, from the checkpoint at its start
+            st = STATES + (((d * B + b) * E + e[:, None]) * (NCHUNK - 1) + tl.maximum(c - 1, 0)) * N
+            h0 = tl.load(st + n[None, :], mask=e_ok[:, None] & (c > 0), other=0.0)
+            acum, bcum = tl.associative_scan((decay, dbu), axis=2, combine_fn=_linear_combine)
+            hs = acum * h0[:, :, None] + bcum
+            # gate: out = silu(z) (y_0 + y_1)
+            zz = tl.load(Z + off, mask=ok, other=0.0).to(tl.float32)
+            zsig = tl.sigmoid(zz)
+            dout = tl.load(DOUT + off, mask=ok, other=0.0).to(tl.float32)
+            dy = dout * zz * zsig
+            y = tl.sum(hs * Cm[None, :, :], axis=1) + Dd[:, None] * u
+            dz = dout * y * zsig * (1.0 + zz * (1.0 - zsig))
+            if d == 0:
+                tl.store(DZ + off, dz, mask=ok)
+            else:
+                tl.store(DZ + off, tl.load(DZ + off, mask=ok, other=0.0).to(tl.float32) + dz, mask=ok)
+            # adjoint: g_s = C_s dy_s + decay_{s+1} g_{s+1}, a reverse scan whose coefficient is the next decay
+            s1_ok = (s + 1) < L
+            t1 = _token(s + 1, L, d)
+            dt1 = tl.load(DT + d * E * BL + e[:, None] * BL + b * L + t1[None, :],
+                          mask=e_ok[:, None] & s1_ok[None, :], other=0.0).to(tl.float32)
+            decay1 = tl.exp(_softplus(dt1 + bias[:, None])[:, None, :] * A_[:, :, None])
+            decay1 = tl.where(s1_ok[None, None, :], decay1, 0.0)
+            gcum_a, gcum_b = tl.associative_scan((decay1, Cm[None, :, :] * dy[:, None, :]), axis=2,
+                                                 combine_fn=_linear_combine, reverse=True)
+            g = gcum_a * g_next[:, :, None] + gcum_b
+            g_next = tl.sum(tl.where((j == 0)[None, None, :], g, 0.0), axis=2)
+            # h_s = decay_s h_{s-1} + delta_s B_s u_s, so decay_s h_{s-1} = h_s - dbu_s: no shifted states needed
+            hprev = hs - dbu
+            ddelta = tl.sum(g * (A_[:, :, None] * hprev + Bm[None, :, :] * u[:, None, :]), axis=1)
+            dA_acc += tl.sum(g * hprev * delta[:, None, :], axis=2)
+            du = tl.sum(g * Bm[None, :, :], axis=1) * delta + Dd[:, None] * dy
+            tl.store(DU + d * E * BL + off, du, mask=ok)
+            dD_acc += tl.sum(dy * u, axis=1)
+            ddt = tl.where(ok, ddelta * tl.where(dt_raw > 20.0, 1.0, tl.sigmoid(dt_raw)), 0.0)
+            tl.store(DDT + d * E * BL + off, ddt, mask=ok)
+            dbias_acc += tl.sum(ddt, axis=1)
+            # dB, dC: summed over this program's channels, then across programs
+            bc_off = (d * 2 * N + n[:, None]) * BL + b * L + t[None, :]
+            s_ok = (s < L)[None, :]
+            tl.atomic_add(DBC + bc_off, tl.sum(g * (delta * u)[:, None, :], axis=0), mask=s_ok)
+            tl.atomic_add(DBC + bc_off + N * BL, tl.sum(hs * dy[:, None, :], axis=0), mask=s_ok)
+        tl.atomic_add(DA + (d * E + e[:, None]) * N + n[None, :], dA_acc, mask=e_ok[:, None])
+        tl.atomic_add(DD + d * E + e, dD_acc, mask=e_ok)
+        tl.atomic_add(DDTB + d * E + e, dbias_acc, mask=e_ok)
+        tl.debug_barrier()  # direction 1 adds to the dz direction 0 wrote
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+CONV_BLOCK = dict(BE=32, BT=64)
+SCAN_FWD = dict(BD=1, T=128, num_warps=4)
+SCAN_BWD = dict(BD=4, T=32, num_warps=4)
+
+
+def _conv_grid(batch, length, e):
+    return triton.cdiv(length, CONV_BLOCK["BT"]), batch, triton.cdiv(e, CONV_BLOCK["BE"])
+
+
+def conv_forward(xz, conv_w, conv_b, batch):
+    e, bl = xz.shape[0] // 2, xz.shape[1]
+    xc = torch.empty(2, e, bl, device=xz.device, dtype=xz.dtype)
+    _conv_fwd[_conv_grid(batch, bl // batch, e)](xz, conv_w, conv_b, xc, bl // batch, bl, e, conv_w.shape[-1],
+                                                 **CONV_BLOCK)
+    return xc
+
+
+class FusedBiMixerFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias):
+        dtype, (e2, bl) = xz.dtype, xz.shape
+        e, length, r, n = e2 // 2, bl // batch, dt_proj_w.shape[-1], A.shape[-1]
+        xc = conv_forward(xz, conv_w, conv_b, batch)
+        x_dbl = torch.bmm(x_proj_w.to(dtype), xc)  # (2, R + 2N, batch*L)
+        dt = torch.bmm(dt_proj_w.to(dtype), x_dbl[:, :r])  # (2, E, batch*L)
+        out = torch.empty(e, bl, device=xz.device, dtype=dtype)
+        train = any(ctx.needs_input_grad)  # then run the backward's chunks and checkpoint the state entering each
+        T = SCAN_BWD["T"] if train else SCAN_FWD["T"]
+        nchunk = triton.cdiv(length, T)
+        states = torch.empty(2, batch, e, max(nchunk - 1, 1) if train else 1, n, device=xz.device,
+                             dtype=torch.float32)
+        _scan_fwd[(triton.cdiv(e, SCAN_FWD["BD"]), batch)](
+            xc, x_dbl, dt, xz[e:], A, D, dt_bias, out, states, length, batch, e, r, nchunk, n,
+            STORE_STATES=train and nchunk > 1, **dict(SCAN_FWD, T=T))
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, states)
+        ctx.batch, ctx.nchunk = batch, nchunk
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, states = ctx.saved_tensors
+        batch, nchunk, dtype, (e2, bl) = ctx.batch, ctx.nchunk, xz.dtype, xz.shape
+        e, length, r, n, k = e2 // 2, bl // batch, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
+        xc = conv_forward(xz, conv_w, conv_b, batch)  # recomputed: cheaper than keeping (2, E, batch*L)
+        wdt = dt_proj_w.to(dtype)
+        dt = torch.bmm(wdt, x_dbl[:, :r])
+        f32 = dict(device=xz.device, dtype=torch.float32)
+        du, ddt, dxz = torch.empty_like(xc), torch.empty_like(dt), torch.empty_like(xz)
+        dbc, dA, dD, ddt_bias = torch.zeros(2, 2 * n, bl, **f32), torch.zeros_like(A), torch.zeros_like(D), \
+            torch.zeros_like(dt_bias)
+        _scan_bwd[(triton.cdiv(e, SCAN_BWD["BD"]), batch)](
+            xc, x_dbl, dt, xz[e:], A, D, dt_bias, dout.contiguous(), states, du, ddt, dbc, dxz[e:], dA, dD,
+            ddt_bias, length, batch, e, r, nchunk, n, **SCAN_BWD)
+        dx_dbl = torch.cat([torch.bmm(wdt.transpose(1, 2), ddt), dbc.to(dtype)], dim=1)
+        d_dt_proj_w = torch.bmm(ddt, x_dbl[:, :r].transpose(1, 2))
+        d_x_proj_w = torch.bmm(dx_dbl, xc.transpose(1, 2))
+        dxc = torch.baddbmm(du, x_proj_w.to(dtype).transpose(1, 2), dx_dbl)
+        dpre = torch.empty(2, e, bl, **f32)
+        dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
+        grid = _conv_grid(batch, length, e)
+        _conv_bwd_dpre[grid](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, bl, e, k, **CONV_BLOCK)
+        _conv_bwd_dx[grid](conv_w, dpre, dxz, length, bl, e, k, **CONV_BLOCK)
+        return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
+                d_dt_proj_w.to(dt_proj_w.dtype), dA, dD, ddt_bias)
+
+
+def fused_bimixer(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias):
+    """xz: (2E, batch*L), tokens innermost (in_proj's output); per-direction parameters stacked on a leading axis of
+    2: conv_w (2, E, K), conv_b (2, E), x_proj_w (2, R + 2N, E), dt_proj_w (2, E, R), A (2, E, N), D and dt_bias
+    (2, E), float32. Returns SiLU(z) * (y_forward + y_backward), (E, batch*L) in xz's dtype."""
+    return FusedBiMixerFn.apply(xz.contiguous(), batch, conv_w.contiguous(), conv_b.contiguous(), x_proj_w,
+                                dt_proj_w, A.contiguous(), D.contiguous(), dt_bias.contiguous())
