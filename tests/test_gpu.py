@@ -29,7 +29,7 @@ def write_results():
     RESULTS.write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "mamba_ssm": version("mamba_ssm"),
         "causal_conv1d": version("causal_conv1d"), "date": datetime.date.today().isoformat(), "commit": git_commit(),
-        "command": "make gpu-test", "metric": "relative error ||cuda - torch|| / ||torch|| per tensor (logits, every parameter gradient)",
+        "command": "make gpu-test", "metric": "relative error ||path - reference|| / ||reference|| per tensor (logits, every parameter gradient); kernels: [path, reference], cuda vs torch unless named",
         "tolerance": TOL, "checks": checks}, indent=2) + "\n")
 
 
@@ -46,10 +46,11 @@ def _grads_and_logits(model, x, target, precision):
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _compare(name, precision, batch=8, **kwargs):
+def _compare(name, precision, batch=8, kernels=("cuda", "torch"), **kwargs):
+    """kernels: (path under test, reference path)."""
     torch.manual_seed(0)
-    cuda = create_model(name, kernel="cuda", drop_path_rate=0.0, **kwargs).cuda().train()
-    ref = create_model(name, kernel="torch", drop_path_rate=0.0, **kwargs).cuda().train()
+    cuda = create_model(name, kernel=kernels[0], drop_path_rate=0.0, **kwargs).cuda().train()
+    ref = create_model(name, kernel=kernels[1], drop_path_rate=0.0, **kwargs).cuda().train()
     ref.load_state_dict(cuda.state_dict())
     size = cuda.patch_embed.img_size
     x = torch.randn(batch, 3, *size, device="cuda")
@@ -58,15 +59,15 @@ def _compare(name, precision, batch=8, **kwargs):
     logits_t, grads_t = _grads_and_logits(ref, x, target, precision)
     errs = {n: rel_err(grads_c[n], grads_t[n]) for n in grads_c}
     worst = max(errs, key=errs.get)
-    result = {"model": name, "overrides": kwargs, "precision": precision, "batch": batch, "loss": "cross_entropy",
+    result = {"model": name, "kernels": list(kernels), "overrides": kwargs, "precision": precision, "batch": batch, "loss": "cross_entropy",
               "logits_rel_err": rel_err(logits_c, logits_t), "worst_grad": worst, "worst_grad_rel_err": errs[worst],
               "median_grad_rel_err": sorted(errs.values())[len(errs) // 2], "params_compared": len(errs)}
     if precision == "bf16_autocast":  # how far bf16 itself moves each path from its float32 result
         _, fp32_c = _grads_and_logits(cuda, x, target, "float32")
         _, fp32_t = _grads_and_logits(ref, x, target, "float32")
         result["bf16_vs_fp32_worst_grad_rel_err"] = {
-            "cuda": max(rel_err(grads_c[n], fp32_c[n]) for n in errs),
-            "torch": max(rel_err(grads_t[n], fp32_t[n]) for n in errs)}
+            kernels[0]: max(rel_err(grads_c[n], fp32_c[n]) for n in errs),
+            kernels[1]: max(rel_err(grads_t[n], fp32_t[n]) for n in errs)}
     # In bf16 the paths can't agree better than bf16 itself moves them: the gradient tolerance is the larger of TOL
     # and the worst bf16-vs-float32 error of either path (the noise floor measured just above).
     floor = max(result.get("bf16_vs_fp32_worst_grad_rel_err", {}).values(), default=0.0)
@@ -90,6 +91,37 @@ def test_recomputing_mixer_agrees(precision):  # the fused one-node-per-directio
                                      dict(bidirectional="block", pool="double"), dict(bidirectional="sequence", pool="max")])
 def test_ablation_variants_agree(variant):
     _compare("vim_ti", "float32", depth=4, **variant)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16_autocast"])
+@pytest.mark.parametrize("name", ["vim_ti", "vim_s"])
+def test_fused_mixer_agrees_with_mamba_ssm(name, precision):  # kernel=fused (Triton) against the mamba-ssm path
+    _compare(name, precision, kernels=("fused", "cuda"))
+
+
+@pytest.mark.parametrize("shape", [(2, 6085, 192), (16, 197, 384), (4, 730, 192)])
+def test_fused_mixer_random_weights_at_vim_shapes(shape):
+    """One bimamba v2 mixer with every parameter perturbed, fused vs mamba-ssm, float32: output and all gradients."""
+    from vimexp.models.vim import VimMixer
+    torch.manual_seed(0)
+    batch, length, dim = shape
+    mixers = [VimMixer(dim, kernel=k).cuda() for k in ("fused", "cuda")]
+    with torch.no_grad():
+        for p in mixers[0].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    mixers[1].load_state_dict(mixers[0].state_dict())
+    x = torch.randn(batch, length, dim, device="cuda")
+    g = torch.randn_like(x)
+    outs, grads = [], []
+    for m in mixers:
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        out.backward(g)
+        outs.append(out.detach())
+        grads.append({"x": xi.grad, **{n: p.grad for n, p in m.named_parameters()}})
+    err = {"out": rel_err(*outs), **{k: rel_err(grads[0][k], grads[1][k]) for k in grads[1]}}
+    checks.append({"op": "fused_mixer_vs_cuda", "shape": list(shape), "precision": "float32", "rel_err": err})
+    assert max(err.values()) <= TOL["float32"], err
 
 
 def test_selective_scan_matches_mamba_at_vim_shapes():

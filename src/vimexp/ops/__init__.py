@@ -1,6 +1,7 @@
-"""Kernels of the Vim mixer behind one switch: `cuda` (mamba-ssm + causal-conv1d) or `torch` (plain PyTorch, any device).
+"""Kernels of the Vim mixer behind one switch: `cuda` (mamba-ssm + causal-conv1d), `fused` (the cuda path with the
+bimamba v2 mixer in this project's Triton kernels, vimexp.ops.fused_mixer) or `torch` (plain PyTorch, any device).
 
-Both paths take the same arguments as mamba-ssm's functions, so the model code is written once.
+The cuda and torch paths take the same arguments as mamba-ssm's functions, so the model code is written once.
 """
 import functools
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from vimexp.ops.causal_conv import causal_conv1d_torch
 from vimexp.ops.norm import rms_norm_torch
 from vimexp.ops.selective_scan import selective_scan_torch
 
-KERNELS = ("auto", "cuda", "torch")
+KERNELS = ("auto", "cuda", "fused", "torch")
 
 
 @functools.cache
@@ -29,16 +30,19 @@ def cuda_unavailable_reason() -> str | None:
 
 
 def resolve_kernel(kernel: str) -> str:
-    """'auto' -> 'cuda' when the GPU kernels import, else 'torch'; 'cuda' raises with the reason when they don't."""
+    """'auto' -> 'cuda' when the GPU kernels import, else 'torch'; 'cuda' and 'fused' raise with the reason when
+    they can't run."""
     if kernel not in KERNELS:
         raise VimexpError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
     if kernel == "torch":
         return "torch"
     reason = cuda_unavailable_reason()
+    if kernel == "fused" and reason is None and torch.cuda.get_device_capability() < (8, 0):
+        reason = f"its Triton kernels need compute capability 8.0+, not {torch.cuda.get_device_capability()}"
     if reason is None:
-        return "cuda"
-    if kernel == "cuda":
-        raise VimexpError(f"kernel='cuda' can't run: {reason}; use kernel=torch, or on a GPU machine "
+        return "cuda" if kernel == "auto" else kernel
+    if kernel != "auto":
+        raise VimexpError(f"kernel={kernel!r} can't run: {reason}; use kernel=torch, or on a GPU machine "
                           "`pip install -e '.[cuda]'`")
     return "torch"
 
@@ -46,7 +50,10 @@ def resolve_kernel(kernel: str) -> str:
 @functools.cache
 def get_ops(kernel: str) -> SimpleNamespace:
     """selective_scan, causal_conv1d, rms_norm and (cuda only, else None) mixer_branch, the fused conv-projections-scan
-    of one mixer direction, for a resolved kernel name ('cuda' or 'torch')."""
+    of one mixer direction, for a resolved kernel name ('cuda', 'fused' or 'torch'; 'fused' runs every op but the v2
+    mixer on the cuda path)."""
+    if kernel == "fused":
+        return get_ops("cuda")
     if kernel == "torch":
         return SimpleNamespace(selective_scan=selective_scan_torch, causal_conv1d=causal_conv1d_torch,
                                rms_norm=rms_norm_torch, mixer_branch=None)

@@ -1,0 +1,133 @@
+"""The bimamba v2 mixer alone (in_proj -> both directions -> out_proj) at Vim's shapes, bf16 autocast, one GPU:
+kernel=cuda (mamba-ssm, the reference) against kernel=fused (vimexp.ops.fused_mixer).
+
+    python -m vimexp.bench_mixer [--sweep] [--out FILE.json]
+
+Per shape: inference forward and training forward+backward ms (median of CUDA-event timings), the speed-up, and the
+fused scan kernel alone, forward: its achieved bandwidth (the bytes it has to move / its time) and state-update
+rate (batch x tokens x channels x states x 2 directions / its time), to set beside the chip's limits. --sweep times
+every Triton block configuration of the scan kernels at every shape and keeps the fastest in the record.
+"""
+import argparse
+import json
+import statistics
+
+import torch
+
+from vimexp.bench import environment
+from vimexp.models.vim import VimMixer
+from vimexp.ops import fused_mixer as fm
+
+SHAPES = {"vim_ti_1248_b8": (8, 6085, 192), "vim_s_224_b128": (128, 197, 384), "vim_ti_224_b128": (128, 197, 192)}
+SWEEP_FWD = [dict(BD=bd, T=t, num_warps=w) for bd, t, w in
+             [(1, 64, 4), (1, 128, 4), (1, 256, 4), (1, 256, 8), (2, 64, 4), (2, 128, 4), (4, 64, 4)]]
+SWEEP_BWD = [dict(BD=bd, T=t, num_warps=w) for bd, t, w in
+             [(1, 32, 4), (1, 64, 4), (2, 32, 4), (4, 16, 4), (4, 32, 4), (8, 16, 4), (4, 64, 8)]]
+
+
+def time_ms(fn, warmup=3, repeats=15) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def mixer_steps(kernel: str, shape):
+    """(inference, training) closures for one mixer at `shape`, same seed for every kernel."""
+    batch, length, dim = shape
+    torch.manual_seed(0)
+    mixer = VimMixer(dim, kernel=kernel).cuda()
+    x = torch.randn(batch, length, dim, device="cuda", requires_grad=True)
+
+    def infer():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            mixer(x)
+
+    def train():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = mixer(x)
+        out.float().sum().backward()
+    return infer, train
+
+
+def scan_kernel_alone(shape) -> dict:
+    """The fused forward scan kernel by itself on bf16 inputs, with the bytes it must move and its update rate."""
+    batch, length, dim = shape
+    e, n, r = 2 * dim, 16, -(-dim // 16)
+    bl = batch * length
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    xc, dt, xz = torch.randn(2, e, bl, **bf), torch.randn(2, e, bl, **bf) - 4, torch.randn(2 * e, bl, **bf)
+    x_dbl = torch.randn(2, r + 2 * n, bl, **bf)
+    A = -torch.rand(2, e, n, device="cuda") * 15 - 1
+    D, bias = torch.randn(2, e, device="cuda"), torch.randn(2, e, device="cuda")
+    out = torch.empty(e, bl, **bf)
+    states = torch.empty(1, device="cuda")
+    cfg = fm.SCAN_FWD
+    nchunk = -(-length // cfg["T"])
+    ms = time_ms(lambda: fm._scan_fwd[(-(-e // cfg["BD"]), batch)](
+        xc, x_dbl, dt, xz[e:], A, D, bias, out, states, length, batch, e, r, nchunk, n, STORE_STATES=False, **cfg))
+    # u and dt of both directions, B and C of both, z once, out written, read back and written again
+    nbytes = 2 * bl * (4 * e + 4 * n + e + 3 * e)
+    updates = 2 * batch * length * e * n
+    return {"ms": ms, "bytes": nbytes, "tb_per_s": nbytes / ms / 1e9, "updates_per_s_T": updates / ms / 1e9}
+
+
+def sweep(shape, configs, table: dict, mode: str) -> list[dict]:
+    rows = []
+    for cfg in configs:
+        saved = dict(table)
+        table.update(cfg)
+        try:
+            infer, train = mixer_steps("fused", shape)
+            rows.append({**cfg, "ms": time_ms(infer if mode == "inference" else train)})
+        except Exception as e:  # a configuration that doesn't compile (registers, shared memory) is recorded
+            rows.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        table.clear()
+        table.update(saved)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="time every block configuration of the scan kernels")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--out", default=None, help="write the record here (JSON)")
+    args = parser.parse_args()
+    record = {"environment": environment(torch.device("cuda")), "command": "python -m vimexp.bench_mixer "
+              + ("--sweep " if args.sweep else "") + " ".join(f"--shapes {s}" for s in args.shapes),
+              "shape": "(batch, tokens, d_model); E = 2 d_model channels, 16 states", "configs": {
+                  "SCAN_FWD": dict(fm.SCAN_FWD), "SCAN_BWD": dict(fm.SCAN_BWD), "CONV_BLOCK": dict(fm.CONV_BLOCK)},
+              "rows": []}
+    for name in args.shapes:
+        shape = SHAPES[name]
+        row = {"shape_name": name, "shape": list(shape)}
+        if args.sweep:
+            row["sweep_fwd"] = sweep(shape, SWEEP_FWD, fm.SCAN_FWD, "inference")
+            row["sweep_bwd"] = sweep(shape, SWEEP_BWD, fm.SCAN_BWD, "train")
+        for kernel in ("cuda", "fused"):
+            infer, train = mixer_steps(kernel, shape)
+            row[kernel] = {"inference_ms": time_ms(infer), "train_ms": time_ms(train)}
+            torch.cuda.empty_cache()
+        row["speedup"] = {m: row["cuda"][f"{m}_ms"] / row["fused"][f"{m}_ms"] for m in ("inference", "train")}
+        row["fused_scan_fwd_kernel"] = scan_kernel_alone(shape)
+        record["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("sweep")}), flush=True)
+        if args.sweep:
+            for key in ("sweep_fwd", "sweep_bwd"):
+                ok = sorted((r for r in row[key] if "ms" in r), key=lambda r: r["ms"])
+                print(key, [(r["BD"], r["T"], r["num_warps"], round(r["ms"], 3)) for r in ok[:4]], flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
