@@ -68,11 +68,15 @@ def _compare(name, precision, batch=8, kernels=("cuda", "torch"), **kwargs):
         result["bf16_vs_fp32_worst_grad_rel_err"] = {
             kernels[0]: max(rel_err(grads_c[n], fp32_c[n]) for n in errs),
             kernels[1]: max(rel_err(grads_t[n], fp32_t[n]) for n in errs)}
-    # In bf16 the paths can't agree better than bf16 itself moves them: the gradient tolerance is the larger of TOL
-    # and the worst bf16-vs-float32 error of either path (the noise floor measured just above).
-    floor = max(result.get("bf16_vs_fp32_worst_grad_rel_err", {}).values(), default=0.0)
-    result["grad_tolerance"] = max(TOL[precision], floor)
+    # In bf16 each path lands within its own rounding noise of its float32 result (measured just above), and two
+    # such results can differ by the sum of the two: the gradient tolerance is the larger of TOL and that sum.
+    # Checked on top, so that a noisy path can't widen its own tolerance: its noise is at most 1.5x the reference's
+    # (or TOL). Measured on the H100, the worst gradient's bf16-vs-fp32 error is 0.018-0.025 for both paths.
+    floors = result.get("bf16_vs_fp32_worst_grad_rel_err", {})
+    result["grad_tolerance"] = max(TOL[precision], sum(floors.values()))
     checks.append(result)
+    if floors:
+        assert floors[kernels[0]] <= 1.5 * max(TOL[precision], floors[kernels[1]]), result
     assert result["logits_rel_err"] <= TOL[precision], result
     assert result["worst_grad_rel_err"] <= result["grad_tolerance"], result
 
@@ -99,6 +103,22 @@ def test_fused_mixer_agrees_with_mamba_ssm(name, precision):  # kernel=fused (Tr
     _compare(name, precision, kernels=("fused", "cuda"))
 
 
+@pytest.mark.parametrize("precision", ["float32", "bf16_autocast"])
+@pytest.mark.parametrize("name, img_size", [("vim_ti", 224), ("vim_s", 224), ("vim_ti", 1248)])
+def test_fused_inference_agrees_with_mamba_ssm(name, img_size, precision):
+    """Eval-mode logits without autograd, where kernel=fused runs its inference kernels."""
+    torch.manual_seed(0)
+    models = [create_model(name, kernel=k, img_size=img_size).cuda().eval() for k in ("fused", "cuda")]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(2 if img_size > 224 else 8, 3, img_size, img_size, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
+        logits = [m(x) for m in models]
+    err = rel_err(*logits)
+    checks.append({"model": name, "img_size": img_size, "kernels": ["fused", "cuda"], "mode": "inference",
+                   "precision": precision, "logits_rel_err": err})
+    assert err <= TOL[precision], err
+
+
 @pytest.mark.parametrize("shape", [(2, 6085, 192), (16, 197, 384), (4, 730, 192)])
 def test_fused_mixer_random_weights_at_vim_shapes(shape):
     """One bimamba v2 mixer with every parameter perturbed, fused vs mamba-ssm, float32: output and all gradients."""
@@ -119,7 +139,10 @@ def test_fused_mixer_random_weights_at_vim_shapes(shape):
         out.backward(g)
         outs.append(out.detach())
         grads.append({"x": xi.grad, **{n: p.grad for n, p in m.named_parameters()}})
-    err = {"out": rel_err(*outs), **{k: rel_err(grads[0][k], grads[1][k]) for k in grads[1]}}
+    with torch.no_grad():  # the inference kernels (channel-last, one step at a time) as well
+        inference = [m(x) for m in mixers]
+    err = {"out": rel_err(*outs), "out_inference": rel_err(*inference),
+           **{k: rel_err(grads[0][k], grads[1][k]) for k in grads[1]}}
     checks.append({"op": "fused_mixer_vs_cuda", "shape": list(shape), "precision": "float32", "rel_err": err})
     assert max(err.values()) <= TOL["float32"], err
 

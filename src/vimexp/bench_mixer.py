@@ -19,8 +19,8 @@ from vimexp.models.vim import VimMixer
 from vimexp.ops import fused_mixer as fm
 
 SHAPES = {"vim_ti_1248_b8": (8, 6085, 192), "vim_s_224_b128": (128, 197, 384), "vim_ti_224_b128": (128, 197, 192)}
-SWEEP_FWD = [dict(BD=bd, T=t, num_warps=w) for bd, t, w in
-             [(1, 64, 4), (1, 128, 4), (1, 256, 4), (1, 256, 8), (2, 64, 4), (2, 128, 4), (4, 64, 4)]]
+SWEEP_SEQ = [dict(BD=bd, CL=cl, num_warps=w) for bd in (32, 64, 128) for w in (1, 2, 4) for cl in (128, 256, 512)
+             if bd * 16 >= 64 * w]
 SWEEP_BWD = [dict(BD=bd, T=t, num_warps=w) for bd, t, w in
              [(1, 32, 4), (1, 64, 4), (2, 32, 4), (4, 16, 4), (4, 32, 4), (8, 16, 4), (4, 64, 8)]]
 
@@ -58,26 +58,34 @@ def mixer_steps(kernel: str, shape):
 
 
 def scan_kernel_alone(shape) -> dict:
-    """The fused forward scan kernel by itself on bf16 inputs, with the bytes it must move and its update rate."""
+    """The inference scan (both passes of fused_mixer._scan_seq, both directions) by itself on bf16 inputs: its
+    time, its effective bandwidth (the least traffic a fused scan needs: u, dt, B, C of both directions, z and
+    the output once each, over its time) and its state-update rate."""
     batch, length, dim = shape
     e, n, r = 2 * dim, 16, -(-dim // 16)
     bl = batch * length
     torch.manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
-    xc, dt, xz = torch.randn(2, e, bl, **bf), torch.randn(2, e, bl, **bf) - 4, torch.randn(2 * e, bl, **bf)
-    x_dbl = torch.randn(2, r + 2 * n, bl, **bf)
+    xc, dt, xz = torch.randn(2, bl, e, **bf), torch.randn(2, bl, e, **bf) - 4, torch.randn(bl, 2 * e, **bf)
+    x_dbl = torch.randn(2, bl, r + 2 * n, **bf)
     A = -torch.rand(2, e, n, device="cuda") * 15 - 1
     D, bias = torch.randn(2, e, device="cuda"), torch.randn(2, e, device="cuda")
-    out = torch.empty(e, bl, **bf)
-    states = torch.empty(1, device="cuda")
-    cfg = fm.SCAN_FWD
-    nchunk = -(-length // cfg["T"])
-    ms = time_ms(lambda: fm._scan_fwd[(-(-e // cfg["BD"]), batch)](
-        xc, x_dbl, dt, xz[e:], A, D, bias, out, states, length, batch, e, r, nchunk, n, STORE_STATES=False, **cfg))
-    # u and dt of both directions, B and C of both, z once, out written, read back and written again
-    nbytes = 2 * bl * (4 * e + 4 * n + e + 3 * e)
+    y2 = torch.empty(bl, 2 * e, **bf)
+    cfg = dict(fm.SEQ)
+    cl = cfg.pop("CL")
+    nc = -(-length // cl)
+    hc, sc = torch.empty(2, batch, nc, e, n, device="cuda"), torch.empty(2, batch, nc, e, device="cuda")
+    grid = (-(-e // cfg["BD"]), batch * nc, 2)
+
+    def scan():
+        for p in (0, 1) if nc > 1 else (1,):
+            fm._scan_seq[grid](xc, x_dbl, dt, xz[:, e:], A, D, bias, y2, hc, sc, length, batch, e, r, nc, cl, n,
+                               PASS=p, **cfg)
+    ms = time_ms(scan)
+    nbytes = 2 * bl * (4 * e + 4 * n + 2 * e)
     updates = 2 * batch * length * e * n
-    return {"ms": ms, "bytes": nbytes, "tb_per_s": nbytes / ms / 1e9, "updates_per_s_T": updates / ms / 1e9}
+    return {"ms": ms, "config": fm.SEQ, "least_bytes": nbytes, "tb_per_s": nbytes / ms / 1e9,
+            "updates_per_s_T": updates / ms / 1e9}
 
 
 def sweep(shape, configs, table: dict, mode: str) -> list[dict]:
@@ -98,32 +106,34 @@ def sweep(shape, configs, table: dict, mode: str) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time every block configuration of the scan kernels")
+    parser.add_argument("--no-bwd-sweep", action="store_true", help="with --sweep: the inference kernel only")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", default=None, help="write the record here (JSON)")
     args = parser.parse_args()
     record = {"environment": environment(torch.device("cuda")), "command": "python -m vimexp.bench_mixer "
               + ("--sweep " if args.sweep else "") + " ".join(f"--shapes {s}" for s in args.shapes),
               "shape": "(batch, tokens, d_model); E = 2 d_model channels, 16 states", "configs": {
-                  "SCAN_FWD": dict(fm.SCAN_FWD), "SCAN_BWD": dict(fm.SCAN_BWD), "CONV_BLOCK": dict(fm.CONV_BLOCK)},
+                  "SEQ": dict(fm.SEQ), "SCAN_BWD": dict(fm.SCAN_BWD), "CONV_BLOCK": dict(fm.CONV_BLOCK)},
               "rows": []}
     for name in args.shapes:
         shape = SHAPES[name]
         row = {"shape_name": name, "shape": list(shape)}
         if args.sweep:
-            row["sweep_fwd"] = sweep(shape, SWEEP_FWD, fm.SCAN_FWD, "inference")
-            row["sweep_bwd"] = sweep(shape, SWEEP_BWD, fm.SCAN_BWD, "train")
+            row["sweep_seq"] = sweep(shape, SWEEP_SEQ, fm.SEQ, "inference")
+            if not args.no_bwd_sweep:
+                row["sweep_bwd"] = sweep(shape, SWEEP_BWD, fm.SCAN_BWD, "train")
         for kernel in ("cuda", "fused"):
             infer, train = mixer_steps(kernel, shape)
             row[kernel] = {"inference_ms": time_ms(infer), "train_ms": time_ms(train)}
             torch.cuda.empty_cache()
         row["speedup"] = {m: row["cuda"][f"{m}_ms"] / row["fused"][f"{m}_ms"] for m in ("inference", "train")}
-        row["fused_scan_fwd_kernel"] = scan_kernel_alone(shape)
+        row["fused_inference_scan"] = scan_kernel_alone(shape)
         record["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("sweep")}), flush=True)
         if args.sweep:
-            for key in ("sweep_fwd", "sweep_bwd"):
+            for key in ("sweep_seq", "sweep_bwd")[:1 if args.no_bwd_sweep else 2]:
                 ok = sorted((r for r in row[key] if "ms" in r), key=lambda r: r["ms"])
-                print(key, [(r["BD"], r["T"], r["num_warps"], round(r["ms"], 3)) for r in ok[:4]], flush=True)
+                print(key, [(*(v for k, v in r.items() if k != "ms"), round(r["ms"], 3)) for r in ok[:5]], flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)

@@ -96,21 +96,27 @@ class VimMixer(nn.Module):
 
     def _forward_fused(self, hidden):
         """bimamba v2 through the Triton kernels of vimexp.ops.fused_mixer: no flips, one scan kernel."""
-        from vimexp.ops.fused_mixer import fused_bimixer
+        from vimexp.ops.fused_mixer import bimixer_inference, fused_bimixer
 
         batch, seqlen, dim = hidden.shape
-        xz = self.in_proj.weight @ hidden.reshape(-1, dim).t()  # (2E, batch*L), tokens innermost
         pair = lambda fwd, bwd: torch.stack([fwd, bwd])  # noqa: E731  per-direction parameters, stacked
-        out = fused_bimixer(
-            xz, batch, pair(self.conv1d.weight.squeeze(1), self.conv1d_b.weight.squeeze(1)),
-            pair(self.conv1d.bias, self.conv1d_b.bias), pair(self.x_proj.weight, self.x_proj_b.weight),
-            pair(self.dt_proj.weight, self.dt_proj_b.weight), -torch.exp(pair(self.A_log, self.A_b_log).float()),
-            pair(self.D, self.D_b).float(), pair(self.dt_proj.bias, self.dt_proj_b.bias).float())
+        args = (pair(self.conv1d.weight.squeeze(1), self.conv1d_b.weight.squeeze(1)),
+                pair(self.conv1d.bias, self.conv1d_b.bias), pair(self.x_proj.weight, self.x_proj_b.weight),
+                pair(self.dt_proj.weight, self.dt_proj_b.weight), -torch.exp(pair(self.A_log, self.A_b_log).float()),
+                pair(self.D, self.D_b).float(), pair(self.dt_proj.bias, self.dt_proj_b.bias).float())
         weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
+        if not torch.is_grad_enabled():
+            if torch.is_autocast_enabled(hidden.device.type):
+                hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+            return bimixer_inference(hidden.reshape(-1, dim), batch, self.in_proj.weight, *args,
+                                     weight).view(batch, seqlen, -1)
+        xz = self.in_proj.weight @ hidden.reshape(-1, dim).t()  # (2E, batch*L), tokens innermost
+        out = fused_bimixer(xz, batch, *args)
         return F.linear(out.t(), weight).view(batch, seqlen, -1)
 
     def forward(self, hidden):
-        if self.kernel == "fused" and self.bimamba == "v2":
+        if self.bimamba == "v2" and (self.kernel == "fused" or
+                                     (self.kernel == "fused_inference" and not torch.is_grad_enabled())):
             return self._forward_fused(hidden)
         ops = get_ops(self.kernel)
         batch, seqlen, dim = hidden.shape

@@ -1,5 +1,10 @@
-"""Kernels of the Vim mixer behind one switch: `cuda` (mamba-ssm + causal-conv1d), `fused` (the cuda path with the
-bimamba v2 mixer in this project's Triton kernels, vimexp.ops.fused_mixer) or `torch` (plain PyTorch, any device).
+"""Kernels of the Vim mixer behind one switch:
+- `cuda`: mamba-ssm + causal-conv1d, the reference GPU path;
+- `fused`: the cuda path with the bimamba v2 mixer in this project's Triton kernels (vimexp.ops.fused_mixer), in
+  inference and in training;
+- `fused_inference`: the Triton mixer where no gradient is taken, mamba-ssm where one is: the fastest of the two
+  in each mode as measured on the H100 (experiments/results/fused_scan/), what `auto` picks on compute capability 9.0;
+- `torch`: plain PyTorch, any device.
 
 The cuda and torch paths take the same arguments as mamba-ssm's functions, so the model code is written once.
 """
@@ -13,7 +18,7 @@ from vimexp.ops.causal_conv import causal_conv1d_torch
 from vimexp.ops.norm import rms_norm_torch
 from vimexp.ops.selective_scan import selective_scan_torch
 
-KERNELS = ("auto", "cuda", "fused", "torch")
+KERNELS = ("auto", "cuda", "fused", "fused_inference", "torch")
 
 
 @functools.cache
@@ -30,17 +35,19 @@ def cuda_unavailable_reason() -> str | None:
 
 
 def resolve_kernel(kernel: str) -> str:
-    """'auto' -> 'cuda' when the GPU kernels import, else 'torch'; 'cuda' and 'fused' raise with the reason when
-    they can't run."""
+    """'auto' -> 'fused_inference' on compute capability 9.0, 'cuda' on other GPUs where the kernels import, else
+    'torch'; the others raise with the reason when they can't run."""
     if kernel not in KERNELS:
         raise VimexpError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
     if kernel == "torch":
         return "torch"
     reason = cuda_unavailable_reason()
-    if kernel == "fused" and reason is None and torch.cuda.get_device_capability() < (8, 0):
+    if kernel.startswith("fused") and reason is None and torch.cuda.get_device_capability() < (8, 0):
         reason = f"its Triton kernels need compute capability 8.0+, not {torch.cuda.get_device_capability()}"
+    if reason is None and kernel == "auto":
+        return "fused_inference" if torch.cuda.get_device_capability() == (9, 0) else "cuda"
     if reason is None:
-        return "cuda" if kernel == "auto" else kernel
+        return kernel
     if kernel != "auto":
         raise VimexpError(f"kernel={kernel!r} can't run: {reason}; use kernel=torch, or on a GPU machine "
                           "`pip install -e '.[cuda]'`")
@@ -50,9 +57,9 @@ def resolve_kernel(kernel: str) -> str:
 @functools.cache
 def get_ops(kernel: str) -> SimpleNamespace:
     """selective_scan, causal_conv1d, rms_norm and (cuda only, else None) mixer_branch, the fused conv-projections-scan
-    of one mixer direction, for a resolved kernel name ('cuda', 'fused' or 'torch'; 'fused' runs every op but the v2
-    mixer on the cuda path)."""
-    if kernel == "fused":
+    of one mixer direction, for a resolved kernel name (the fused kernels run every op but the v2 mixer on the cuda
+    path)."""
+    if kernel.startswith("fused"):
         return get_ops("cuda")
     if kernel == "torch":
         return SimpleNamespace(selective_scan=selective_scan_torch, causal_conv1d=causal_conv1d_torch,

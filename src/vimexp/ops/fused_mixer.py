@@ -19,6 +19,7 @@ Every kernel computes in float32 whatever the activation dtype. See experiments/
 what each choice was predicted to gain and what it measured.
 """
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -44,9 +45,10 @@ def _token(s, L, d: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------------- conv
 @triton.jit
-def _conv_pre(X, W, CB, e, e_ok, b, t, L, BL, E, d: tl.constexpr, K: tl.constexpr, BE: tl.constexpr,
+def _conv_pre(X, W, CB, e, e_ok, b, t, L, SE, ST, E, d: tl.constexpr, K: tl.constexpr, BE: tl.constexpr,
               BT: tl.constexpr):
-    """Pre-activation of direction d's depthwise conv at tokens t: causal (d=0) or its mirror image (d=1)."""
+    """Pre-activation of direction d's depthwise conv at tokens t: causal (d=0) or its mirror image (d=1).
+    x[e, token] sits at X + e*SE + token*ST (channel-major: SE = batch*L, ST = 1; channel-last: SE = 1)."""
     acc = tl.zeros([BE, BT], tl.float32) + tl.load(CB + d * E + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(K):
         if d == 0:
@@ -54,21 +56,22 @@ def _conv_pre(X, W, CB, e, e_ok, b, t, L, BL, E, d: tl.constexpr, K: tl.constexp
         else:
             src = t + (K - 1) - k
         ok = e_ok[:, None] & ((src >= 0) & (src < L))[None, :]
-        xv = tl.load(X + e[:, None] * BL + b * L + src[None, :], mask=ok, other=0.0).to(tl.float32)
+        xv = tl.load(X + e[:, None] * SE + (b * L + src[None, :]) * ST, mask=ok, other=0.0).to(tl.float32)
         acc += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * xv
     return acc
 
 
 @triton.jit
-def _conv_fwd(X, W, CB, XC, L, BL, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
+def _conv_fwd(X, W, CB, XC, L, SE, ST, OD, OE, OT, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
+    """SiLU(conv_d(x)) of both directions into XC + d*OD + e*OE + token*OT."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     b = tl.program_id(1)
     e = tl.program_id(2) * BE + tl.arange(0, BE)
     e_ok = e < E
     ok = e_ok[:, None] & (t < L)[None, :]
     for d in tl.static_range(2):
-        pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, BL, E, d, K, BE, BT)
-        tl.store(XC + (d * E + e[:, None]) * BL + b * L + t[None, :], pre * tl.sigmoid(pre), mask=ok)
+        pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, SE, ST, E, d, K, BE, BT)
+        tl.store(XC + d * OD + e[:, None] * OE + (b * L + t[None, :]) * OT, pre * tl.sigmoid(pre), mask=ok)
 
 
 @triton.jit
@@ -80,7 +83,7 @@ def _conv_bwd_dpre(X, W, CB, DXC, DPRE, DW, DCB, L, BL, E, K: tl.constexpr, BE: 
     e_ok = e < E
     ok = e_ok[:, None] & (t < L)[None, :]
     for d in tl.static_range(2):
-        pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, BL, E, d, K, BE, BT)
+        pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, BL, 1, E, d, K, BE, BT)
         sig = tl.sigmoid(pre)
         off = (d * E + e[:, None]) * BL + b * L + t[None, :]
         dpre = tl.load(DXC + off, mask=ok, other=0.0).to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
@@ -238,6 +241,93 @@ def _scan_bwd(U, XDBL, DT, Z, A, D, DTB, DOUT, STATES, DU, DDT, DBC, DZ, DA, DD,
         tl.debug_barrier()  # direction 1 adds to the dz direction 0 wrote
 
 
+# ------------------------------------------------------------------------------------------ inference (no grad)
+@triton.jit
+def _scan_seq(U, XDBL, DT, Z, A, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.constexpr, BD: tl.constexpr,
+              PASS: tl.constexpr):
+    """Channel-last, one step at a time: a program owns (channel block, batch, chunk of CL steps, direction) and
+    keeps its (BD, N) states in registers. PASS 0 writes each chunk's end state from a zero start and its summed
+    delta; PASS 1 carries the state in from the chunks before, then writes SiLU(z) y_d to Y2 (batch*L, 2, E).
+    The next step's inputs are loaded before this step's arithmetic, so their latency hides behind it."""
+    e = tl.program_id(0) * BD + tl.arange(0, BD)
+    b = tl.program_id(1) // NC
+    c = tl.program_id(1) % NC
+    d = tl.program_id(2)
+    e_ok = e < E
+    n = tl.arange(0, N)
+    BL = B * L
+    W = R + 2 * N
+    A2 = tl.load(A + (d * E + e[:, None]) * N + n[None, :], mask=e_ok[:, None], other=0.0) * 1.4426950408889634
+    bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
+    Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
+    h = tl.zeros([BD, N], tl.float32)
+    if PASS == 1:
+        for cp in range(c):  # the state entering chunk c, from the chunks before it in scan order
+            base = ((d * B + b) * NC + cp) * E + e
+            decay = tl.exp2(tl.load(SC + base, mask=e_ok, other=0.0)[:, None] * A2)
+            h = decay * h + tl.load(HC + base[:, None] * N + n[None, :], mask=e_ok[:, None], other=0.0)
+    sgn = 1 - 2 * d
+    steps = tl.minimum(CL, L - c * CL)
+    row = b * L + d * (L - 1) + sgn * c * CL  # the first token of the chunk in scan order
+    u_next = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0)
+    dt_next = tl.load(DT + (d * BL + row) * E + e, mask=e_ok, other=0.0)
+    B_next = tl.load(XDBL + (d * BL + row) * W + R + n)
+    C_next = tl.load(XDBL + (d * BL + row) * W + R + N + n)
+    z_next = tl.load(Z + row * 2 * E + e, mask=e_ok, other=0.0)
+    sum_delta = tl.zeros([BD], tl.float32)
+    for i in range(steps):
+        u, dt, Bv, Cv, z = u_next.to(tl.float32), dt_next, B_next.to(tl.float32), C_next, z_next
+        out_row = row
+        row += sgn
+        more = (i + 1) < steps
+        u_next = tl.load(U + (d * BL + row) * E + e, mask=e_ok & more, other=0.0)
+        dt_next = tl.load(DT + (d * BL + row) * E + e, mask=e_ok & more, other=0.0)
+        B_next = tl.load(XDBL + (d * BL + row) * W + R + n, mask=more, other=0.0)
+        if PASS == 1:
+            C_next = tl.load(XDBL + (d * BL + row) * W + R + N + n, mask=more, other=0.0)
+            z_next = tl.load(Z + row * 2 * E + e, mask=e_ok & more, other=0.0)
+        delta = _softplus(dt.to(tl.float32) + bias)
+        h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bv[None, :]
+        if PASS == 0:
+            sum_delta += delta
+        else:
+            y = tl.sum(h * Cv.to(tl.float32)[None, :], axis=1) + Dd * u
+            z = z.to(tl.float32)
+            tl.store(Y2 + out_row * 2 * E + d * E + e, y * z * tl.sigmoid(z), mask=e_ok)
+    if PASS == 0:
+        base = ((d * B + b) * NC + c) * E + e
+        tl.store(SC + base, sum_delta, mask=e_ok)
+        tl.store(HC + base[:, None] * N + n[None, :], h, mask=e_ok[:, None])
+
+
+SEQ = dict(BD=32, CL=256, num_warps=1)
+
+
+def bimixer_inference(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, out_proj_w):
+    """The whole mixer without autograd, channel-last: hidden (batch*L, d_model) -> (batch*L, d_model), for
+    out_proj_w already carrying the halving. The two directions' gated outputs sit side by side, (batch*L, 2E), so
+    out_proj sums them in its GEMM (weight [W, W])."""
+    dtype, bl = hidden.dtype, hidden.shape[0]
+    length, e, r, n, k = bl // batch, conv_w.shape[1], dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
+    xz = F.linear(hidden, in_proj_w.to(dtype))  # (batch*L, 2E)
+    xc = torch.empty(2, bl, e, device=hidden.device, dtype=dtype)
+    _conv_fwd[_conv_grid(batch, length, e)](xz, conv_w, conv_b, xc, length, 1, 2 * e, bl * e, 1, e, e, k,
+                                            **CONV_BLOCK)
+    x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
+    dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
+    y2 = torch.empty(bl, 2 * e, device=hidden.device, dtype=dtype)
+    cfg = dict(SEQ)
+    cl = cfg.pop("CL")
+    nc = triton.cdiv(length, cl)
+    hc = torch.empty(2, batch, nc, e, n, device=hidden.device, dtype=torch.float32)
+    sc = torch.empty(2, batch, nc, e, device=hidden.device, dtype=torch.float32)
+    grid = (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
+    for p in (0, 1) if nc > 1 else (1,):
+        _scan_seq[grid](xc, x_dbl, dt, xz[:, e:], A, D, dt_bias, y2, hc, sc, length, batch, e, r, nc, cl, n,
+                        PASS=p, **cfg)
+    return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(dtype))
+
+
 # ------------------------------------------------------------------------------------------------ autograd
 CONV_BLOCK = dict(BE=32, BT=64)
 SCAN_FWD = dict(BD=1, T=128, num_warps=4)
@@ -249,10 +339,11 @@ def _conv_grid(batch, length, e):
 
 
 def conv_forward(xz, conv_w, conv_b, batch):
+    """Channel-major xz (2E, batch*L) -> (2, E, batch*L)."""
     e, bl = xz.shape[0] // 2, xz.shape[1]
     xc = torch.empty(2, e, bl, device=xz.device, dtype=xz.dtype)
-    _conv_fwd[_conv_grid(batch, bl // batch, e)](xz, conv_w, conv_b, xc, bl // batch, bl, e, conv_w.shape[-1],
-                                                 **CONV_BLOCK)
+    _conv_fwd[_conv_grid(batch, bl // batch, e)](xz, conv_w, conv_b, xc, bl // batch, bl, 1, e * bl, bl, 1, e,
+                                                 conv_w.shape[-1], **CONV_BLOCK)
     return xc
 
 
