@@ -70,3 +70,27 @@ def test_inference_path_matches_float64_reference(small_blocks, monkeypatch, chu
 def test_fused_without_gpu_says_why():
     with pytest.raises(VimexpError, match="kernel='fused' can't run: torch sees no CUDA GPU"):
         create_model("vim_nano", kernel="fused")
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "fused_inference"), ((8, 0), "cuda")])
+def test_auto_runs_the_triton_mixer_on_hopper_only(monkeypatch, capability, expected):
+    """The policy behind kernel=auto: the fused inference kernels where they were measured faster (sm_90)."""
+    import vimexp.ops as ops
+    monkeypatch.setattr(ops, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+    assert ops.resolve_kernel("auto") == expected
+    assert ops.resolve_kernel("fused") == "fused"
+
+
+def test_fused_on_an_old_gpu_says_why(monkeypatch):
+    import vimexp.ops as ops
+    monkeypatch.setattr(ops, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (7, 5))
+    with pytest.raises(VimexpError, match=r"kernel='fused_inference' can't run: its Triton kernels need compute"):
+        ops.resolve_kernel("fused_inference")
+
+
+def test_state_size_the_kernels_cannot_tile():
+    with pytest.raises(VimexpError, match="power-of-two d_state, not 12"):
+        VimMixer(8, d_state=12, kernel="fused")
+    assert VimMixer(8, d_state=12, kernel="fused_inference").kernel == "cuda"  # auto's choice falls back quietly

@@ -46,6 +46,10 @@ class VimMixer(nn.Module):
         super().__init__()
         if bimamba not in ("none", "v1", "v2"):
             raise VimexpError(f"unknown bimamba variant {bimamba!r}: choose none, v1 or v2")
+        if kernel.startswith("fused") and d_state & (d_state - 1):  # the Triton kernels tile the states
+            if kernel == "fused":
+                raise VimexpError(f"kernel='fused' needs a power-of-two d_state, not {d_state}: use kernel=cuda")
+            kernel = "cuda"
         self.bimamba, self.divide_out, self.kernel, self.recompute = bimamba, divide_out, kernel, recompute
         d_inner = expand * d_model
         self.d_state, self.dt_rank = d_state, math.ceil(d_model / 16)

@@ -1,22 +1,29 @@
 """The bidirectional Vim mixer (bimamba v2) between in_proj and out_proj, fused in Triton: `kernel="fused"`.
 
-    xz (2E, batch*L) -> x, z;  for each direction d: xc_d = SiLU(conv_d(x)) (causal for d=0, anti-causal for d=1),
+    xz -> x, z;  for each direction d: xc_d = SiLU(conv_d(x)) (causal for d=0, its mirror image for d=1),
     x_dbl_d = x_proj_d(xc_d) -> dt, B, C;  y_d = scan_d(xc_d, softplus(dt_proj_d(dt) + bias_d), A_d, B, C) + D_d xc_d
     out = SiLU(z) * (y_0 + y_1)                                       (the halving stays on out_proj's weight)
 
-Everything stays in the layout in_proj writes, channel-major (channel, batch*L) with the tokens innermost, so the
-projections are plain GEMMs and nothing is ever flipped: the backward direction reads its tokens from the end
-(reverse indexing) and its conv is the mirror-image (anti-causal) filter. Kernels:
+Nothing is ever flipped: the backward direction reads its tokens from the end and its conv is the mirror-image
+(anti-causal) filter. The projections between the kernels are plain GEMMs in whichever layout the kernels use.
+
+Inference (no autograd), `bimixer_inference`, channel-last (batch*L, channels):
 - `_conv_fwd`: both convs + SiLU from one read of x;
+- `_scan_seq`: a program owns a block of channels of one direction and a chunk of tokens, keeps the (channels x N)
+  states in registers and steps through its tokens one at a time, loading the next token's inputs before this one's
+  arithmetic. Long sequences run in two passes (chunk end states, then the outputs from the carried-in state);
+  each direction writes SiLU(z) y_d beside the other, and out_proj adds the two in its GEMM.
+Training, `FusedBiMixerFn`, channel-major (channels, batch*L) as in_proj writes it with its weight in front:
 - `_scan_fwd`: one program per (batch, channel block) runs direction 0 then direction 1 over chunks of T tokens
-  (a parallel associative scan within a chunk, the state carried between chunks), adding the two directions and
-  applying the gate in place: the flip copies, the gate and the sum of the directions are gone;
-- `_scan_bwd`: the same walk backwards in time per direction, recomputing the states of each chunk from the
-  checkpoint the forward stored at its start, the adjoint state as a reverse associative scan, and every gradient
-  of the chunk at once; dB and dC are summed over the channel block in registers before the atomic adds;
-- `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (the conv output is recomputed, not stored).
-Every kernel computes in float32 whatever the activation dtype. See experiments/results/fused_scan/NOTES.md for
-what each choice was predicted to gain and what it measured.
+  (an associative scan within a chunk, the state carried between chunks), adds the two directions and gates in
+  place, and checkpoints the state at each chunk start;
+- `_scan_bwd`: each chunk backwards in time, its states recomputed from the checkpoint, the adjoint state as a
+  reverse associative scan, every gradient of the chunk at once; dB and dC are summed over the channel block in
+  registers before the atomic adds;
+- `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is recomputed, not kept).
+Every kernel computes in float32 whatever the activation dtype. What each design gained on the H100, and what it
+was predicted to: experiments/results/fused_scan/NOTES.md (inference 1.4-2.3x the mamba-ssm mixer; training 0.4x,
+which is why `kernel=auto` runs the inference kernels only, `fused_inference`).
 """
 import torch
 import torch.nn.functional as F
@@ -330,7 +337,7 @@ def bimixer_inference(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_pro
 
 # ------------------------------------------------------------------------------------------------ autograd
 CONV_BLOCK = dict(BE=32, BT=64)
-SCAN_FWD = dict(BD=1, T=128, num_warps=4)
+SCAN_FWD = dict(BD=1, num_warps=4)  # its chunk size is the backward's T
 SCAN_BWD = dict(BD=4, T=32, num_warps=4)
 
 
@@ -356,14 +363,11 @@ class FusedBiMixerFn(torch.autograd.Function):
         x_dbl = torch.bmm(x_proj_w.to(dtype), xc)  # (2, R + 2N, batch*L)
         dt = torch.bmm(dt_proj_w.to(dtype), x_dbl[:, :r])  # (2, E, batch*L)
         out = torch.empty(e, bl, device=xz.device, dtype=dtype)
-        train = any(ctx.needs_input_grad)  # then run the backward's chunks and checkpoint the state entering each
-        T = SCAN_BWD["T"] if train else SCAN_FWD["T"]
-        nchunk = triton.cdiv(length, T)
-        states = torch.empty(2, batch, e, max(nchunk - 1, 1) if train else 1, n, device=xz.device,
-                             dtype=torch.float32)
+        nchunk = triton.cdiv(length, SCAN_BWD["T"])  # the backward's chunks: checkpoint the state entering each
+        states = torch.empty(2, batch, e, max(nchunk - 1, 1), n, device=xz.device, dtype=torch.float32)
         _scan_fwd[(triton.cdiv(e, SCAN_FWD["BD"]), batch)](
             xc, x_dbl, dt, xz[e:], A, D, dt_bias, out, states, length, batch, e, r, nchunk, n,
-            STORE_STATES=train and nchunk > 1, **dict(SCAN_FWD, T=T))
+            STORE_STATES=nchunk > 1, T=SCAN_BWD["T"], **SCAN_FWD)
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, states)
         ctx.batch, ctx.nchunk = batch, nchunk
         return out
