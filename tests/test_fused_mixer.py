@@ -42,11 +42,12 @@ def rel(a, b) -> float:
     return ((a.detach().double().cpu() - b).abs().max() / b.abs().max()).item()
 
 
-def test_training_path_matches_float64_reference(small_blocks):
-    ref, fused = _mixers()
-    x = torch.randn(2, 19, 8, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("batch, length, d_model", [(2, 19, 8), (1, 3, 6)])
+def test_training_path_matches_float64_reference(small_blocks, batch, length, d_model):
+    ref, fused = _mixers(d_model=d_model)
+    x = torch.randn(batch, length, d_model, dtype=torch.float64, requires_grad=True)
     xf = x.detach().float().to(DEVICE).requires_grad_()
-    g = torch.randn(2, 19, 8, dtype=torch.float64)
+    g = torch.randn(batch, length, d_model, dtype=torch.float64)
     y = ref(x)
     (y * g).sum().backward()
     out = fused(xf)
@@ -58,10 +59,11 @@ def test_training_path_matches_float64_reference(small_blocks):
 
 
 @pytest.mark.parametrize("chunk", [5, 64])  # several chunks carried into each other, and one
-def test_inference_path_matches_float64_reference(small_blocks, monkeypatch, chunk):
+@pytest.mark.parametrize("batch, length, d_model", [(3, 19, 8), (1, 2, 6)])  # 12 channels: partly filled blocks
+def test_inference_path_matches_float64_reference(small_blocks, monkeypatch, chunk, batch, length, d_model):
     monkeypatch.setitem(fused_mixer.SEQ, "CL", chunk)
-    ref, fused = _mixers(seed=1)
-    x = torch.randn(3, 19, 8, dtype=torch.float64)
+    ref, fused = _mixers(seed=1, d_model=d_model)
+    x = torch.randn(batch, length, d_model, dtype=torch.float64)
     with torch.no_grad():
         assert rel(fused(x.float().to(DEVICE)), ref(x)) <= TOL
 

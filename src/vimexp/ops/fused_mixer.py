@@ -127,6 +127,14 @@ def _conv_bwd_dx(W, DPRE, DX, L, BL, E, K: tl.constexpr, BE: tl.constexpr, BT: t
 
 # ----------------------------------------------------------------------------------------------------- scan
 @triton.jit
+def _direction_params(A, D, DTB, d, e, e_ok, E, N: tl.constexpr):
+    """A (BD, N), D and the dt bias (BD,) of direction d for channels e, from the (2, E[, N]) stacks."""
+    n = tl.arange(0, N)
+    A_ = tl.load(A + (d * E + e[:, None]) * N + n[None, :], mask=e_ok[:, None], other=0.0)
+    return A_, tl.load(D + d * E + e, mask=e_ok, other=0.0), tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
+
+
+@triton.jit
 def _chunk_inputs(U, XDBL, DT, A_, bias, e, e_ok, b, s, L, BL, E, R, d: tl.constexpr, N: tl.constexpr):
     """One chunk of direction d (scan steps s): offsets, mask, u, raw dt, delta, B, C, the decay and the input."""
     t = _token(s, L, d)
@@ -155,9 +163,7 @@ def _scan_fwd(U, XDBL, DT, Z, A, D, DTB, OUT, STATES, L, B, E, R, NCHUNK, N: tl.
     n = tl.arange(0, N)
     j = tl.arange(0, T)
     for d in tl.static_range(2):
-        A_ = tl.load(A + (d * E + e[:, None]) * N + n[None, :], mask=e_ok[:, None], other=0.0)
-        Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
-        bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
+        A_, Dd, bias = _direction_params(A, D, DTB, d, e, e_ok, E, N)
         h = tl.zeros([BD, N], tl.float32)
         for c in range(NCHUNK):
             t, ok, off, u, dt_raw, delta, Bm, Cm, decay, dbu = _chunk_inputs(
@@ -188,9 +194,7 @@ def _scan_bwd(U, XDBL, DT, Z, A, D, DTB, DOUT, STATES, DU, DDT, DBC, DZ, DA, DD,
     n = tl.arange(0, N)
     j = tl.arange(0, T)
     for d in tl.static_range(2):
-        A_ = tl.load(A + (d * E + e[:, None]) * N + n[None, :], mask=e_ok[:, None], other=0.0)
-        Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
-        bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
+        A_, Dd, bias = _direction_params(A, D, DTB, d, e, e_ok, E, N)
         g_next = tl.zeros([BD, N], tl.float32)  # adjoint state at the first step of the chunk after this one
         dA_acc = tl.zeros([BD, N], tl.float32)
         dD_acc = tl.zeros([BD], tl.float32)
@@ -264,9 +268,8 @@ def _scan_seq(U, XDBL, DT, Z, A, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.c
     n = tl.arange(0, N)
     BL = B * L
     W = R + 2 * N
-    A2 = tl.load(A + (d * E + e[:, None]) * N + n[None, :], mask=e_ok[:, None], other=0.0) * 1.4426950408889634
-    bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
-    Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
+    A2, Dd, bias = _direction_params(A, D, DTB, d, e, e_ok, E, N)
+    A2 *= 1.4426950408889634  # exp(x A) = exp2(x A log2(e))
     h = tl.zeros([BD, N], tl.float32)
     if PASS == 1:
         for cp in range(c):  # the state entering chunk c, from the chunks before it in scan order
