@@ -56,3 +56,14 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
     assert row["status"] == "OOM" and "img_per_sec" not in row
     row = bench_mod.measure("deit", spec, 32, 2, "fp32", cfg, torch.device("cpu"))  # the next configuration runs
     assert row["status"] == "ok" and row["img_per_sec"] > 0
+
+
+def test_a_model_pinned_to_a_kernel_this_machine_lacks_is_skipped_with_the_reason(tmp_path):
+    models = "{vim:{name:vim_ti,depth:2},vim_mamba_ssm:{name:vim_ti,depth:2,kernel:cuda}}"
+    run = run_cli("bench", "bench=fig1", *CPU, "bench.resolutions=[32]", "~bench.models", f"+bench.models={models}",
+                  "bench.baseline=vim", f"out_dir={tmp_path}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert [r["model"] for r in record["rows"]] == ["vim"]
+    assert "needs a CUDA GPU" in record["skipped"]["vim_mamba_ssm"]
+    assert "skipping vim_mamba_ssm" in run.stdout

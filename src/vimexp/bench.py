@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from vimexp import VimexpError
 from vimexp.models import create_model
+from vimexp.ops import resolve_kernel
 from vimexp.run import cli, git_commit, write_json
 from vimexp.tasks.necks import PyramidBackbone
 
@@ -205,24 +207,42 @@ def plot(rows, out_dir: Path, title: str) -> list[Path]:
     return paths
 
 
+def _runnable(models, device) -> tuple[dict, dict]:
+    """The models whose pinned kernel runs on `device`, and why each other one was left out (kernel=cuda on a CPU)."""
+    keep, skipped = {}, {}
+    for key, spec in models.items():
+        kernel = spec.get("kernel")
+        try:
+            if kernel not in (None, "auto", "torch") and device.type != "cuda":
+                raise VimexpError(f"kernel={kernel!r} needs a CUDA GPU, the benchmark runs on {device.type}")
+            if kernel is not None:
+                resolve_kernel(kernel)
+            keep[key] = OmegaConf.to_container(spec)
+        except VimexpError as e:
+            skipped[key] = str(e)
+            print(f"skipping {key}: {e}", flush=True)
+    return keep, skipped
+
+
 def bench(cfg) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     b = cfg.bench
+    models, skipped = _runnable(b.models, device)
     rows = []
     for precision in b.precisions:
         for batch in b.batch_sizes:
             for res in b.resolutions:
-                for key, spec in b.models.items():
-                    row = measure(key, OmegaConf.to_container(spec), res, batch, precision, cfg, device)
+                for key, spec in models.items():
+                    row = measure(key, spec, res, batch, precision, cfg, device)
                     rows.append(row)
                     speed = (f"{row['img_per_sec']:9.1f} img/s  {row.get('peak_gib', float('nan')):6.2f} GiB"
                              if row["status"] == "ok" else row["status"])
                     print(f"{key:16s} {res:5d}px  batch {batch:4d}  {precision}: {speed}", flush=True)
     record = {"bench": b.name, "environment": environment(device),
               "protocol": {k: cfg[k] for k in ("warmup", "repeats", "iters", "kernel", "cuda_graph")} | {"mode": b.mode},
-              "command": "python -m vimexp.bench " + " ".join(_overrides()), "rows": rows}
+              "command": "python -m vimexp.bench " + " ".join(_overrides()), "skipped": skipped, "rows": rows}
     write_json(out / "results.json", record)
     with open(out / "results.csv", "w", newline="") as f:
         keys = ["model", "res", "batch", "precision", "mode", "neck", "cuda_graph", "status", "img_per_sec", "ms_per_batch",
@@ -230,7 +250,7 @@ def bench(cfg) -> dict:
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    table = ratio_table(rows, b.baseline) if b.baseline and len(b.models) > 1 else ""
+    table = ratio_table(rows, b.baseline) if b.baseline and len(models) > 1 else ""
     if table:
         (out / "ratios.md").write_text(table + "\n")
         print(table)
