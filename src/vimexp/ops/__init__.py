@@ -34,6 +34,17 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def _fused_unavailable_reason() -> str | None:
+    """Why the Triton mixer can't run on this (CUDA) machine, or None."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return f"import triton failed ({type(e).__name__}: {e})"
+    if torch.cuda.get_device_capability() < (8, 0):
+        return f"its Triton kernels need compute capability 8.0+, not {torch.cuda.get_device_capability()}"
+    return None
+
+
 def resolve_kernel(kernel: str) -> str:
     """'auto' -> 'fused_inference' on compute capability 9.0, 'cuda' on other GPUs where the kernels import, else
     'torch'; the others raise with the reason when they can't run."""
@@ -42,10 +53,12 @@ def resolve_kernel(kernel: str) -> str:
     if kernel == "torch":
         return "torch"
     reason = cuda_unavailable_reason()
-    if kernel.startswith("fused") and reason is None and torch.cuda.get_device_capability() < (8, 0):
-        reason = f"its Triton kernels need compute capability 8.0+, not {torch.cuda.get_device_capability()}"
-    if reason is None and kernel == "auto":
-        return "fused_inference" if torch.cuda.get_device_capability() == (9, 0) else "cuda"
+    if kernel in ("auto", "fused", "fused_inference") and reason is None:
+        fused_reason = _fused_unavailable_reason()
+        if kernel == "auto":
+            return "fused_inference" if fused_reason is None and torch.cuda.get_device_capability() == (9, 0) \
+                else "cuda"
+        reason = fused_reason
     if reason is None:
         return kernel
     if kernel != "auto":
