@@ -96,3 +96,44 @@ def test_state_size_the_kernels_cannot_tile():
     with pytest.raises(VimexpError, match="power-of-two d_state, not 12"):
         VimMixer(8, d_state=12, kernel="fused")
     assert VimMixer(8, d_state=12, kernel="fused_inference").kernel == "cuda"  # auto's choice falls back quietly
+
+
+def test_auto_falls_back_to_mamba_ssm_where_triton_cannot_build(monkeypatch):
+    import vimexp.ops as ops
+    monkeypatch.setattr(ops, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(ops.shutil, "which", lambda name: None)
+    assert ops.resolve_kernel("auto") == "cuda"
+    with pytest.raises(VimexpError, match="no C compiler"):
+        ops.resolve_kernel("fused")
+
+
+def test_softplus_keeps_its_digits_far_below_zero():
+    """delta = softplus(dt + bias) in the kernels, against float64, over the range training can push dt into."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def apply(X, Y, SIZE: tl.constexpr):
+        i = tl.arange(0, SIZE)
+        tl.store(Y + i, fused_mixer._softplus(tl.load(X + i)))
+    x = torch.linspace(-40, 40, 256, device=DEVICE)
+    y = torch.empty_like(x)
+    apply[(1,)](x, y, 256)
+    expected = torch.nn.functional.softplus(x.double().cpu())
+    assert ((y.double().cpu() - expected).abs() / expected).max() < 1e-6
+
+
+def test_size_guard_counts_every_buffer():
+    assert fused_mixer.fits(128, 197, 768, 16, 24)
+    assert not fused_mixer.fits(1000, 1025, 768, 64, 24)  # the state checkpoints overflow first at d_state 64
+    assert not fused_mixer.fits(65536, 17, 384, 16, 12)  # more programs than a grid axis takes
+
+
+def test_no_second_derivative_through_hand_written_gradients(small_blocks):
+    _, fused = _mixers()
+    x = torch.randn(1, 5, 8, device=DEVICE, requires_grad=True)
+    (gx,) = torch.autograd.grad(fused(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gx.sum().backward()

@@ -121,11 +121,12 @@ class VimMixer(nn.Module):
     def forward(self, hidden):
         if self.bimamba == "v2" and (self.kernel == "fused" or
                                      (self.kernel == "fused_inference" and not torch.is_grad_enabled())):
-            if hidden.shape[0] * hidden.shape[1] * self.in_proj.out_features < 2 ** 31:  # the kernels' int32 offsets
+            from vimexp.ops.fused_mixer import fits
+            if fits(hidden.shape[0], hidden.shape[1], self.in_proj.out_features // 2, self.d_state, self.dt_rank):
                 return self._forward_fused(hidden)
             if self.kernel == "fused":
                 raise VimexpError(f"kernel='fused': batch {hidden.shape[0]} x {hidden.shape[1]} tokens is too large "
-                                  "for its 32-bit offsets; use a smaller batch or kernel=fused_inference/cuda")
+                                  "for its 32-bit offsets and grid; use a smaller batch or kernel=fused_inference/cuda")
         ops = get_ops(self.kernel)
         batch, seqlen, dim = hidden.shape
         # (2E, batch*L) -> (batch, 2E, L) view with the token axis contiguous, as the kernels want

@@ -9,6 +9,8 @@
 The cuda and torch paths take the same arguments as mamba-ssm's functions, so the model code is written once.
 """
 import functools
+import os
+import shutil
 from types import SimpleNamespace
 
 import torch
@@ -40,6 +42,8 @@ def _fused_unavailable_reason() -> str | None:
         import triton  # noqa: F401
     except Exception as e:
         return f"import triton failed ({type(e).__name__}: {e})"
+    if not (os.environ.get("CC") or any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))):
+        return "Triton finds no C compiler (cc, gcc or clang) to build its kernel launcher"
     if torch.cuda.get_device_capability() < (8, 0):
         return f"its Triton kernels need compute capability 8.0+, not {torch.cuda.get_device_capability()}"
     return None

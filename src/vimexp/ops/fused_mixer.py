@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 
 @triton.jit
@@ -38,7 +39,12 @@ def _linear_combine(a1, b1, a2, b2):  # (a1, b1) then (a2, b2) of h -> a h + b
 
 @triton.jit
 def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+    """log(1 + e^x) to float32 accuracy for very negative x too: log1p(y) = log(u) y / (u - 1) with u = 1 + y
+    (Goldberg), where log(1 + y) alone loses y's digits (e^-12: 1%, below e^-17: all)."""
+    y = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + y
+    exact = u == 1.0
+    return tl.where(x > 20.0, x, tl.where(exact, y, tl.log(u) * (y / tl.where(exact, 1.0, u - 1.0))))
 
 
 @triton.jit
@@ -376,6 +382,7 @@ class FusedBiMixerFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, states = ctx.saved_tensors
         batch, nchunk, dtype, (e2, bl) = ctx.batch, ctx.nchunk, xz.dtype, xz.shape
@@ -401,6 +408,14 @@ class FusedBiMixerFn(torch.autograd.Function):
         _conv_bwd_dx[grid](conv_w, dpre, dxz, length, bl, e, k, **CONV_BLOCK)
         return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
                 d_dt_proj_w.to(dt_proj_w.dtype), dA, dD, ddt_bias)
+
+
+def fits(batch: int, length: int, d_inner: int, d_state: int, dt_rank: int) -> bool:
+    """Whether every buffer of the kernels stays within their 32-bit offsets and the batch within a grid axis."""
+    bl = batch * length
+    largest = max(2 * d_inner * bl, 2 * (dt_rank + 2 * d_state) * bl,
+                  2 * batch * d_inner * d_state * triton.cdiv(length, min(SCAN_BWD["T"], SEQ["CL"])))
+    return largest < 2 ** 31 and batch * triton.cdiv(length, SEQ["CL"]) < 2 ** 16
 
 
 def fused_bimixer(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias):

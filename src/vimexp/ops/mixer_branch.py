@@ -9,6 +9,7 @@ split and its gradient concatenated, reshapes) and, with `recompute`, two (batch
 import selective_scan_cuda
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
 
 
@@ -37,6 +38,7 @@ class MixerBranchFn(torch.autograd.Function):
         return out_z
 
     @staticmethod
+    @once_differentiable  # hand-written gradients: a second derivative would be silently wrong
     def backward(ctx, dout_z):
         x, z, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, B, C, D, dt_bias, checkpoints, out, conv_out = \
             ctx.saved_tensors

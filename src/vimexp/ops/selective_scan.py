@@ -13,6 +13,7 @@ a product of lambda, the states and the inputs. States are recomputed in backwar
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _discretise(u, delta, A, B, delta_bias, delta_softplus, wt):
@@ -53,6 +54,7 @@ class SelectiveScan(torch.autograd.Function):
         return out.to(u.dtype), hs[-1]
 
     @staticmethod
+    @once_differentiable  # hand-written gradients: a second derivative would be silently wrong
     def backward(ctx, grad_out, _grad_last_state):
         u, delta, A, B, C, D, z, delta_bias, y = ctx.saved_tensors
         wt = ctx.wt
