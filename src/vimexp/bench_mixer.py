@@ -70,17 +70,9 @@ def scan_kernel_alone(shape) -> dict:
     x_dbl = torch.randn(2, bl, r + 2 * n, **bf)
     A = -torch.rand(2, e, n, device="cuda") * 15 - 1
     D, bias = torch.randn(2, e, device="cuda"), torch.randn(2, e, device="cuda")
-    y2 = torch.empty(bl, 2 * e, **bf)
-    cfg = dict(fm.SEQ)
-    cl = cfg.pop("CL")
-    nc = -(-length // cl)
-    hc, sc = torch.empty(2, batch, nc, e, n, device="cuda"), torch.empty(2, batch, nc, e, device="cuda")
-    grid = (-(-e // cfg["BD"]), batch * nc, 2)
 
     def scan():
-        for p in (0, 1) if nc > 1 else (1,):
-            fm._scan_seq[grid](xc, x_dbl, dt, xz[:, e:], A, D, bias, y2, hc, sc, length, batch, e, r, nc, cl, n,
-                               PASS=p, **cfg)
+        fm.scan_seq(xc, x_dbl, dt, xz[:, e:], A, D, bias, batch)
     ms = time_ms(scan)
     nbytes = 2 * bl * (4 * e + 4 * n + 2 * e)
     updates = 2 * batch * length * e * n

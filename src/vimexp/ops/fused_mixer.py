@@ -58,16 +58,22 @@ def _token(s, L, d: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------------- conv
 @triton.jit
+def _tap(t, k, d: tl.constexpr, K: tl.constexpr):
+    """The token that tap k of direction d's conv reads for output token t: causal (d=0) or mirrored (d=1)."""
+    if d == 0:
+        return t - (K - 1) + k
+    else:
+        return t + (K - 1) - k
+
+
+@triton.jit
 def _conv_pre(X, W, CB, e, e_ok, b, t, L, SE, ST, E, d: tl.constexpr, K: tl.constexpr, BE: tl.constexpr,
               BT: tl.constexpr):
     """Pre-activation of direction d's depthwise conv at tokens t: causal (d=0) or its mirror image (d=1).
     x[e, token] sits at X + e*SE + token*ST (channel-major: SE = batch*L, ST = 1; channel-last: SE = 1)."""
     acc = tl.zeros([BE, BT], tl.float32) + tl.load(CB + d * E + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(K):
-        if d == 0:
-            src = t - (K - 1) + k
-        else:
-            src = t + (K - 1) - k
+        src = _tap(t, k, d, K)
         ok = e_ok[:, None] & ((src >= 0) & (src < L))[None, :]
         xv = tl.load(X + e[:, None] * SE + (b * L + src[None, :]) * ST, mask=ok, other=0.0).to(tl.float32)
         acc += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * xv
@@ -103,10 +109,7 @@ def _conv_bwd_dpre(X, W, CB, DXC, DPRE, DW, DCB, L, BL, E, K: tl.constexpr, BE: 
         tl.store(DPRE + off, dpre, mask=ok)
         tl.atomic_add(DCB + d * E + e, tl.sum(dpre, axis=1), mask=e_ok)
         for k in tl.static_range(K):
-            if d == 0:
-                src = t - (K - 1) + k
-            else:
-                src = t + (K - 1) - k
+            src = _tap(t, k, d, K)
             xok = e_ok[:, None] & ((src >= 0) & (src < L))[None, :]
             xv = tl.load(X + e[:, None] * BL + b * L + src[None, :], mask=xok, other=0.0).to(tl.float32)
             tl.atomic_add(DW + (d * E + e) * K + k, tl.sum(dpre * xv, axis=1), mask=e_ok)
@@ -121,10 +124,7 @@ def _conv_bwd_dx(W, DPRE, DX, L, BL, E, K: tl.constexpr, BE: tl.constexpr, BT: t
     acc = tl.zeros([BE, BT], tl.float32)
     for d in tl.static_range(2):
         for k in tl.static_range(K):
-            if d == 0:  # x_t fed pre_0 at t + K-1-k and pre_1 at t - (K-1) + k
-                dst = t + (K - 1) - k
-            else:
-                dst = t - (K - 1) + k
+            dst = _tap(t, k, 1 - d, K)  # the output token whose tap k read x_t: the mirror of the forward tap
             ok = e_ok[:, None] & ((dst >= 0) & (dst < L))[None, :]
             dp = tl.load(DPRE + (d * E + e[:, None]) * BL + b * L + dst[None, :], mask=ok, other=0.0)
             acc += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * dp
@@ -319,28 +319,33 @@ def _scan_seq(U, XDBL, DT, Z, A, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.c
 SEQ = dict(BD=32, CL=256, num_warps=1)
 
 
+def scan_seq(xc, x_dbl, dt, z, A, D, dt_bias, batch):
+    """Both passes of _scan_seq over channel-last inputs: xc and dt (2, batch*L, E), x_dbl (2, batch*L, R + 2N), z
+    a (batch*L, E) view with row stride 2E. Returns y2 (batch*L, 2E): SiLU(z) y_d of both directions side by side."""
+    bl, e, n = xc.shape[1], xc.shape[2], A.shape[-1]
+    length, r = bl // batch, x_dbl.shape[-1] - 2 * n
+    y2 = torch.empty(bl, 2 * e, device=xc.device, dtype=xc.dtype)
+    cfg = dict(SEQ)
+    cl = cfg.pop("CL")
+    nc = triton.cdiv(length, cl)
+    hc = torch.empty(2, batch, nc, e, n, device=xc.device, dtype=torch.float32)
+    sc = torch.empty(2, batch, nc, e, device=xc.device, dtype=torch.float32)
+    grid = (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
+    for p in (0, 1) if nc > 1 else (1,):
+        _scan_seq[grid](xc, x_dbl, dt, z, A, D, dt_bias, y2, hc, sc, length, batch, e, r, nc, cl, n, PASS=p, **cfg)
+    return y2
+
+
 def bimixer_inference(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, out_proj_w):
     """The whole mixer without autograd, channel-last: hidden (batch*L, d_model) -> (batch*L, d_model), for
     out_proj_w already carrying the halving. The two directions' gated outputs sit side by side, (batch*L, 2E), so
     out_proj sums them in its GEMM (weight [W, W])."""
-    dtype, bl = hidden.dtype, hidden.shape[0]
-    length, e, r, n, k = bl // batch, conv_w.shape[1], dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
+    dtype, r, e = hidden.dtype, dt_proj_w.shape[-1], conv_w.shape[1]
     xz = F.linear(hidden, in_proj_w.to(dtype))  # (batch*L, 2E)
-    xc = torch.empty(2, bl, e, device=hidden.device, dtype=dtype)
-    _conv_fwd[_conv_grid(batch, length, e)](xz, conv_w, conv_b, xc, length, 1, 2 * e, bl * e, 1, e, e, k,
-                                            **CONV_BLOCK)
+    xc = conv_forward(xz, conv_w, conv_b, batch, channel_last=True)
     x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
     dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
-    y2 = torch.empty(bl, 2 * e, device=hidden.device, dtype=dtype)
-    cfg = dict(SEQ)
-    cl = cfg.pop("CL")
-    nc = triton.cdiv(length, cl)
-    hc = torch.empty(2, batch, nc, e, n, device=hidden.device, dtype=torch.float32)
-    sc = torch.empty(2, batch, nc, e, device=hidden.device, dtype=torch.float32)
-    grid = (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
-    for p in (0, 1) if nc > 1 else (1,):
-        _scan_seq[grid](xc, x_dbl, dt, xz[:, e:], A, D, dt_bias, y2, hc, sc, length, batch, e, r, nc, cl, n,
-                        PASS=p, **cfg)
+    y2 = scan_seq(xc, x_dbl, dt, xz[:, e:], A, D, dt_bias, batch)
     return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(dtype))
 
 
@@ -354,11 +359,15 @@ def _conv_grid(batch, length, e):
     return triton.cdiv(length, CONV_BLOCK["BT"]), batch, triton.cdiv(e, CONV_BLOCK["BE"])
 
 
-def conv_forward(xz, conv_w, conv_b, batch):
-    """Channel-major xz (2E, batch*L) -> (2, E, batch*L)."""
-    e, bl = xz.shape[0] // 2, xz.shape[1]
-    xc = torch.empty(2, e, bl, device=xz.device, dtype=xz.dtype)
-    _conv_fwd[_conv_grid(batch, bl // batch, e)](xz, conv_w, conv_b, xc, bl // batch, bl, 1, e * bl, bl, 1, e,
+def conv_forward(xz, conv_w, conv_b, batch, channel_last=False):
+    """SiLU(conv_d(x)) of both directions: channel-major xz (2E, batch*L) -> (2, E, batch*L), or channel-last
+    (batch*L, 2E) -> (2, batch*L, E)."""
+    e, bl = conv_w.shape[1], xz.numel() // (2 * conv_w.shape[1])
+    if channel_last:  # strides: x (channel, token), output (direction, channel, token)
+        xc, strides = torch.empty(2, bl, e, device=xz.device, dtype=xz.dtype), (1, 2 * e, bl * e, 1, e)
+    else:
+        xc, strides = torch.empty(2, e, bl, device=xz.device, dtype=xz.dtype), (bl, 1, e * bl, bl, 1)
+    _conv_fwd[_conv_grid(batch, bl // batch, e)](xz, conv_w, conv_b, xc, bl // batch, *strides, e,
                                                  conv_w.shape[-1], **CONV_BLOCK)
     return xc
 
