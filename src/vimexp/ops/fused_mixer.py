@@ -260,12 +260,16 @@ def _scan_bwd(U, XDBL, DT, Z, A, D, DTB, DOUT, STATES, DU, DDT, DBC, DZ, DA, DD,
 
 # ------------------------------------------------------------------------------------------ inference (no grad)
 @triton.jit
-def _scan_seq(U, XDBL, DT, Z, A, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.constexpr, BD: tl.constexpr,
+def _scan_seq(U, XDBL, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.constexpr, BD: tl.constexpr,
               PASS: tl.constexpr):
     """Channel-last, one step at a time: a program owns (channel block, batch, chunk of CL steps, direction) and
-    keeps its (BD, N) states in registers. PASS 0 writes each chunk's end state from a zero start and its summed
+    keeps its (N, BD) states in registers. PASS 0 writes each chunk's end state from a zero start and its summed
     delta; PASS 1 carries the state in from the chunks before, then writes SiLU(z) y_d to Y2 (batch*L, 2, E).
-    The next step's inputs are loaded before this step's arithmetic, so their latency hides behind it."""
+    The next step's inputs are loaded before this step's arithmetic, so their latency hides behind it.
+    Every 2-D tensor is (N, BD) and every 2-D load runs along the channels (AT is A transposed, (2, N, E)), so
+    Triton lays the channels across the lanes and a lane owns all N states of its channels: the sum over states
+    stays in the lane. Laid out (BD, N), Triton spread the states over lanes instead: 64 shuffles, a shared-memory
+    round trip and three barriers at every step."""
     e = tl.program_id(0) * BD + tl.arange(0, BD)
     b = tl.program_id(1) // NC
     c = tl.program_id(1) % NC
@@ -274,14 +278,16 @@ def _scan_seq(U, XDBL, DT, Z, A, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.c
     n = tl.arange(0, N)
     BL = B * L
     W = R + 2 * N
-    A2, Dd, bias = _direction_params(A, D, DTB, d, e, e_ok, E, N)
-    A2 *= 1.4426950408889634  # exp(x A) = exp2(x A log2(e))
-    h = tl.zeros([BD, N], tl.float32)
+    # exp(x A) = exp2(x A log2(e))
+    A2 = tl.load(AT + (d * N + n[:, None]) * E + e[None, :], mask=e_ok[None, :], other=0.0) * 1.4426950408889634
+    Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
+    bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
+    h = tl.zeros([N, BD], tl.float32)
     if PASS == 1:
         for cp in range(c):  # the state entering chunk c, from the chunks before it in scan order
-            base = ((d * B + b) * NC + cp) * E + e
-            decay = tl.exp2(tl.load(SC + base, mask=e_ok, other=0.0)[:, None] * A2)
-            h = decay * h + tl.load(HC + base[:, None] * N + n[None, :], mask=e_ok[:, None], other=0.0)
+            base = ((d * B + b) * NC + cp) * E
+            decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
+            h = decay * h + tl.load(HC + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0)
     sgn = 1 - 2 * d
     steps = tl.minimum(CL, L - c * CL)
     row = b * L + d * (L - 1) + sgn * c * CL  # the first token of the chunk in scan order
@@ -303,17 +309,17 @@ def _scan_seq(U, XDBL, DT, Z, A, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.c
             C_next = tl.load(XDBL + (d * BL + row) * W + R + N + n, mask=more, other=0.0)
             z_next = tl.load(Z + row * 2 * E + e, mask=e_ok & more, other=0.0)
         delta = _softplus(dt.to(tl.float32) + bias)
-        h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bv[None, :]
+        h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * u)[None, :]
         if PASS == 0:
             sum_delta += delta
         else:
-            y = tl.sum(h * Cv.to(tl.float32)[None, :], axis=1) + Dd * u
+            y = tl.sum(h * Cv.to(tl.float32)[:, None], axis=0) + Dd * u
             z = z.to(tl.float32)
             tl.store(Y2 + out_row * 2 * E + d * E + e, y * z * tl.sigmoid(z), mask=e_ok)
     if PASS == 0:
-        base = ((d * B + b) * NC + c) * E + e
-        tl.store(SC + base, sum_delta, mask=e_ok)
-        tl.store(HC + base[:, None] * N + n[None, :], h, mask=e_ok[:, None])
+        base = ((d * B + b) * NC + c) * E
+        tl.store(SC + base + e, sum_delta, mask=e_ok)
+        tl.store(HC + base * N + n[:, None] * E + e[None, :], h, mask=e_ok[None, :])
 
 
 SEQ = dict(BD=32, CL=256, num_warps=1)
@@ -328,11 +334,12 @@ def scan_seq(xc, x_dbl, dt, z, A, D, dt_bias, batch):
     cfg = dict(SEQ)
     cl = cfg.pop("CL")
     nc = triton.cdiv(length, cl)
-    hc = torch.empty(2, batch, nc, e, n, device=xc.device, dtype=torch.float32)
+    hc = torch.empty(2, batch, nc, n, e, device=xc.device, dtype=torch.float32)
     sc = torch.empty(2, batch, nc, e, device=xc.device, dtype=torch.float32)
     grid = (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
+    at = A.transpose(1, 2).contiguous()
     for p in (0, 1) if nc > 1 else (1,):
-        _scan_seq[grid](xc, x_dbl, dt, z, A, D, dt_bias, y2, hc, sc, length, batch, e, r, nc, cl, n, PASS=p, **cfg)
+        _scan_seq[grid](xc, x_dbl, dt, z, at, D, dt_bias, y2, hc, sc, length, batch, e, r, nc, cl, n, PASS=p, **cfg)
     return y2
 
 
