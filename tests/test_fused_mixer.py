@@ -42,8 +42,10 @@ def rel(a, b) -> float:
     return ((a.detach().double().cpu() - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.parametrize("train_path", ["seq", "assoc"])
 @pytest.mark.parametrize("batch, length, d_model", [(2, 19, 8), (1, 3, 6)])
-def test_training_path_matches_float64_reference(small_blocks, batch, length, d_model):
+def test_training_path_matches_float64_reference(small_blocks, monkeypatch, train_path, batch, length, d_model):
+    monkeypatch.setattr(fused_mixer, "TRAIN_PATH", train_path)
     ref, fused = _mixers(d_model=d_model)
     x = torch.randn(batch, length, d_model, dtype=torch.float64, requires_grad=True)
     xf = x.detach().float().to(DEVICE).requires_grad_()

@@ -19,10 +19,10 @@ from vimexp.models.vim import VimMixer
 from vimexp.ops import fused_mixer as fm
 
 SHAPES = {"vim_ti_1248_b8": (8, 6085, 192), "vim_s_224_b128": (128, 197, 384), "vim_ti_224_b128": (128, 197, 192)}
-SWEEP_SEQ = [dict(BD=bd, CL=cl, num_warps=w) for bd in (32, 64, 128) for w in (1, 2, 4) for cl in (128, 256, 512)
-             if bd * 16 >= 64 * w]
-SWEEP_BWD = [dict(BD=bd, T=t, num_warps=w) for bd, t, w in
-             [(1, 32, 4), (1, 64, 4), (2, 32, 4), (4, 16, 4), (4, 32, 4), (8, 16, 4), (4, 64, 8)]]
+# the channel-last kernels' blocks: channels a program, tokens a chunk, warps (a lane owns BD / (32 warps) channels)
+SWEEP_SEQ = {"inference": [dict(BD=bd, CL=cl, num_warps=w) for bd in (32, 64, 128) for w in (1, 2, 4)
+                           for cl in (256, 512) if bd >= 32 * w],
+             "train": [dict(BD=bd, CL=256, num_warps=w) for bd, w in [(16, 1), (32, 1), (64, 1), (64, 2)]]}
 
 
 def time_ms(fn, warmup=3, repeats=15) -> float:
@@ -98,7 +98,6 @@ def sweep(shape, configs, table: dict, mode: str) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time every block configuration of the scan kernels")
-    parser.add_argument("--no-bwd-sweep", action="store_true", help="with --sweep: the inference kernel only")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", default=None, help="write the record here (JSON)")
     args = parser.parse_args()
@@ -111,21 +110,24 @@ def main():
         shape = SHAPES[name]
         row = {"shape_name": name, "shape": list(shape)}
         if args.sweep:
-            row["sweep_seq"] = sweep(shape, SWEEP_SEQ, fm.SEQ, "inference")
-            if not args.no_bwd_sweep:
-                row["sweep_bwd"] = sweep(shape, SWEEP_BWD, fm.SCAN_BWD, "train")
+            row["sweep_seq"] = {mode: sweep(shape, configs, fm.SEQ, mode) for mode, configs in SWEEP_SEQ.items()}
         for kernel in ("cuda", "fused"):
             infer, train = mixer_steps(kernel, shape)
             row[kernel] = {"inference_ms": time_ms(infer), "train_ms": time_ms(train)}
+            torch.cuda.empty_cache()
+        for path in ("assoc", "seq"):  # the fused training kernels, both designs
+            saved, fm.TRAIN_PATH = fm.TRAIN_PATH, path
+            row["fused"][f"train_ms_{path}"] = time_ms(mixer_steps("fused", shape)[1])
+            fm.TRAIN_PATH = saved
             torch.cuda.empty_cache()
         row["speedup"] = {m: row["cuda"][f"{m}_ms"] / row["fused"][f"{m}_ms"] for m in ("inference", "train")}
         row["fused_inference_scan"] = scan_kernel_alone(shape)
         record["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("sweep")}), flush=True)
         if args.sweep:
-            for key in ("sweep_seq", "sweep_bwd")[:1 if args.no_bwd_sweep else 2]:
-                ok = sorted((r for r in row[key] if "ms" in r), key=lambda r: r["ms"])
-                print(key, [(*(v for k, v in r.items() if k != "ms"), round(r["ms"], 3)) for r in ok[:5]], flush=True)
+            for mode, rows in row["sweep_seq"].items():
+                ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+                print(mode, [(*(v for k, v in r.items() if k != "ms"), round(r["ms"], 3)) for r in ok[:5]], flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)

@@ -100,7 +100,7 @@ class VimMixer(nn.Module):
 
     def _forward_fused(self, hidden):
         """bimamba v2 through the Triton kernels of vimexp.ops.fused_mixer: no flips, one scan kernel."""
-        from vimexp.ops.fused_mixer import bimixer_inference, fused_bimixer
+        from vimexp.ops import fused_mixer
 
         batch, seqlen, dim = hidden.shape
         pair = lambda fwd, bwd: torch.stack([fwd, bwd])  # noqa: E731  per-direction parameters, stacked
@@ -109,13 +109,13 @@ class VimMixer(nn.Module):
                 pair(self.dt_proj.weight, self.dt_proj_b.weight), -torch.exp(pair(self.A_log, self.A_b_log).float()),
                 pair(self.D, self.D_b).float(), pair(self.dt_proj.bias, self.dt_proj_b.bias).float())
         weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or fused_mixer.TRAIN_PATH == "seq":
             if torch.is_autocast_enabled(hidden.device.type):
                 hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-            return bimixer_inference(hidden.reshape(-1, dim), batch, self.in_proj.weight, *args,
-                                     weight).view(batch, seqlen, -1)
+            return fused_mixer.bimixer_channel_last(hidden.reshape(-1, dim), batch, self.in_proj.weight, *args,
+                                                    weight).view(batch, seqlen, -1)
         xz = self.in_proj.weight @ hidden.reshape(-1, dim).t()  # (2E, batch*L), tokens innermost
-        out = fused_bimixer(xz, batch, *args)
+        out = fused_mixer.fused_bimixer(xz, batch, *args)
         return F.linear(out.t(), weight).view(batch, seqlen, -1)
 
     def forward(self, hidden):

@@ -7,13 +7,16 @@
 Nothing is ever flipped: the backward direction reads its tokens from the end and its conv is the mirror-image
 (anti-causal) filter. The projections between the kernels are plain GEMMs in whichever layout the kernels use.
 
-Inference (no autograd), `bimixer_inference`, channel-last (batch*L, channels):
+Channel-last (batch*L, channels), `bimixer_channel_last` / `SeqMixerFn`: inference, and training where
+TRAIN_PATH == "seq":
 - `_conv_fwd`: both convs + SiLU from one read of x;
 - `_scan_seq`: a program owns a block of channels of one direction and a chunk of tokens, keeps the (channels x N)
   states in registers and steps through its tokens one at a time, loading the next token's inputs before this one's
   arithmetic. Long sequences run in two passes (chunk end states, then the outputs from the carried-in state);
-  each direction writes SiLU(z) y_d beside the other, and out_proj adds the two in its GEMM.
-Training, `FusedBiMixerFn`, channel-major (channels, batch*L) as in_proj writes it with its weight in front:
+  each direction writes SiLU(z) y_d beside the other, and out_proj adds the two in its GEMM;
+- `_scan_seq_bwd`: the same programs backwards in time: the chunk's states recomputed into a scratch buffer, then
+  the adjoint walked back, carried between chunks as the states are (a first pass of chunk aggregates).
+Training where TRAIN_PATH == "assoc", `FusedBiMixerFn`, channel-major (channels, batch*L), in_proj's weight in front:
 - `_scan_fwd`: one program per (batch, channel block) runs direction 0 then direction 1 over chunks of T tokens
   (an associative scan within a chunk, the state carried between chunks), adds the two directions and gates in
   place, and checkpoints the state at each chunk start;
@@ -94,29 +97,35 @@ def _conv_fwd(X, W, CB, XC, L, SE, ST, OD, OE, OT, E, K: tl.constexpr, BE: tl.co
 
 
 @triton.jit
-def _conv_bwd_dpre(X, W, CB, DXC, DPRE, DW, DCB, L, BL, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
-    """d(pre-activation) of both convs, and their weight and bias gradients (summed here over this tile)."""
+def _conv_bwd_dpre(X, W, CB, DXC, DPRE, DW, DCB, L, SE, ST, OD, OE, OT, E, K: tl.constexpr, BE: tl.constexpr,
+                   BT: tl.constexpr):
+    """d(pre-activation) of both convs, and their weight and bias gradients (summed here over this tile).
+    x as in _conv_pre; d(output) and d(pre) at DXC/DPRE + d*OD + e*OE + token*OT."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     b = tl.program_id(1)
     e = tl.program_id(2) * BE + tl.arange(0, BE)
     e_ok = e < E
     ok = e_ok[:, None] & (t < L)[None, :]
     for d in tl.static_range(2):
-        pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, BL, 1, E, d, K, BE, BT)
+        pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, SE, ST, E, d, K, BE, BT)
         sig = tl.sigmoid(pre)
-        off = (d * E + e[:, None]) * BL + b * L + t[None, :]
+        off = d * OD + e[:, None] * OE + (b * L + t[None, :]) * OT
         dpre = tl.load(DXC + off, mask=ok, other=0.0).to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
         tl.store(DPRE + off, dpre, mask=ok)
         tl.atomic_add(DCB + d * E + e, tl.sum(dpre, axis=1), mask=e_ok)
         for k in tl.static_range(K):
-            src = _tap(t, k, d, K)
+            if d == 0:
+                src = t - (K - 1) + k
+            else:
+                src = t + (K - 1) - k
             xok = e_ok[:, None] & ((src >= 0) & (src < L))[None, :]
-            xv = tl.load(X + e[:, None] * BL + b * L + src[None, :], mask=xok, other=0.0).to(tl.float32)
+            xv = tl.load(X + e[:, None] * SE + (b * L + src[None, :]) * ST, mask=xok, other=0.0).to(tl.float32)
             tl.atomic_add(DW + (d * E + e) * K + k, tl.sum(dpre * xv, axis=1), mask=e_ok)
 
 
 @triton.jit
-def _conv_bwd_dx(W, DPRE, DX, L, BL, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
+def _conv_bwd_dx(W, DPRE, DX, L, OD, OE, OT, SE, ST, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
+    """dx at DX + e*SE + token*ST from both convs' d(pre) (strides OD, OE, OT)."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     b = tl.program_id(1)
     e = tl.program_id(2) * BE + tl.arange(0, BE)
@@ -124,11 +133,14 @@ def _conv_bwd_dx(W, DPRE, DX, L, BL, E, K: tl.constexpr, BE: tl.constexpr, BT: t
     acc = tl.zeros([BE, BT], tl.float32)
     for d in tl.static_range(2):
         for k in tl.static_range(K):
-            dst = _tap(t, k, 1 - d, K)  # the output token whose tap k read x_t: the mirror of the forward tap
+            if d == 0:  # x_t fed pre_0 at t + K-1-k and pre_1 at t - (K-1) + k
+                dst = t + (K - 1) - k
+            else:
+                dst = t - (K - 1) + k
             ok = e_ok[:, None] & ((dst >= 0) & (dst < L))[None, :]
-            dp = tl.load(DPRE + (d * E + e[:, None]) * BL + b * L + dst[None, :], mask=ok, other=0.0)
+            dp = tl.load(DPRE + d * OD + e[:, None] * OE + (b * L + dst[None, :]) * OT, mask=ok, other=0.0)
             acc += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * dp
-    tl.store(DX + e[:, None] * BL + b * L + t[None, :], acc, mask=e_ok[:, None] & (t < L)[None, :])
+    tl.store(DX + e[:, None] * SE + (b * L + t[None, :]) * ST, acc, mask=e_ok[:, None] & (t < L)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------- scan
@@ -322,38 +334,190 @@ def _scan_seq(U, XDBL, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.
         tl.store(HC + base * N + n[:, None] * E + e[None, :], h, mask=e_ok[None, :])
 
 
+@triton.jit
+def _scan_seq_bwd(U, XDBL, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, DZ, DAT, DD, DDTB, L, B, E, R, NC,
+                  CL, N: tl.constexpr, BD: tl.constexpr, PASS: tl.constexpr):
+    """Backward of _scan_seq, same programs and (N, BD) layout. The adjoint g_t = C_t dy_t + decay_{t+1} g_{t+1}
+    runs backwards in time and is carried between chunks as the states are: PASS 0 (several chunks only) writes
+    each chunk's outgoing adjoint decay_first * g_first from a zero start; PASS 1 recomputes the chunk's states into
+    the HS scratch (2, batch*L, N, E), then walks back through the chunk with the adjoint carried in from the
+    chunks after it, writing du, d(dt), dB, dC, dz and summing dA (transposed, like AT), dD and d(bias)."""
+    e = tl.program_id(0) * BD + tl.arange(0, BD)
+    b = tl.program_id(1) // NC
+    c = tl.program_id(1) % NC
+    d = tl.program_id(2)
+    e_ok = e < E
+    n = tl.arange(0, N)
+    BL = B * L
+    W = R + 2 * N
+    a_off = (d * N + n[:, None]) * E + e[None, :]
+    A_ = tl.load(AT + a_off, mask=e_ok[None, :], other=0.0)
+    A2 = A_ * 1.4426950408889634
+    Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
+    bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
+    sgn = 1 - 2 * d
+    steps = tl.minimum(CL, L - c * CL)
+    first = b * L + d * (L - 1) + sgn * c * CL  # the chunk's first token in scan order
+    hs_ptr = HS + (d * BL * N + n[:, None]) * E + e[None, :]  # + row * N * E
+    if PASS == 1:
+        h = tl.zeros([N, BD], tl.float32)  # the state entering the chunk, then every state of the chunk into HS
+        for cp in range(c):
+            base = ((d * B + b) * NC + cp) * E
+            decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
+            h = decay * h + tl.load(HC + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0)
+        h_in = h
+        row = first
+        for _ in range(steps):
+            u = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32)
+            delta = _softplus(tl.load(DT + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32) + bias)
+            Bv = tl.load(XDBL + (d * BL + row) * W + R + n).to(tl.float32)
+            h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * u)[None, :]
+            tl.store(hs_ptr + row * N * E, h, mask=e_ok[None, :])
+            row += sgn
+        tl.debug_barrier()
+        g = tl.zeros([N, BD], tl.float32)  # the adjoint arriving from the chunks after this one
+        for k in range(NC - 1, c, -1):
+            base = ((d * B + b) * NC + k) * E
+            decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
+            g = tl.load(GQ + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0) + decay * g
+    else:
+        g = tl.zeros([N, BD], tl.float32)
+    decay_next = tl.full([N, BD], 1.0, tl.float32)
+    dA_acc = tl.zeros([N, BD], tl.float32)
+    dD_acc = tl.zeros([BD], tl.float32)
+    dbias_acc = tl.zeros([BD], tl.float32)
+    row = first + sgn * (steps - 1)
+    if PASS == 1:
+        h = tl.load(hs_ptr + row * N * E, mask=e_ok[None, :], other=0.0).to(tl.float32)
+    for j in range(steps):
+        i = steps - 1 - j
+        u = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32)
+        dt_raw = tl.load(DT + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32) + bias
+        delta = _softplus(dt_raw)
+        Bv = tl.load(XDBL + (d * BL + row) * W + R + n).to(tl.float32)
+        Cv = tl.load(XDBL + (d * BL + row) * W + R + N + n).to(tl.float32)
+        z = tl.load(Z + row * 2 * E + e, mask=e_ok, other=0.0).to(tl.float32)
+        zsig = tl.sigmoid(z)
+        dy2 = tl.load(DY2 + row * 2 * E + d * E + e, mask=e_ok, other=0.0).to(tl.float32)
+        dy = dy2 * z * zsig
+        decay = tl.exp2(delta[None, :] * A2)
+        g = Cv[:, None] * dy[None, :] + decay_next * g
+        decay_next = decay
+        if PASS == 1:
+            if i > 0:
+                h_prev = tl.load(hs_ptr + (row - sgn) * N * E, mask=e_ok[None, :], other=0.0).to(tl.float32)
+            else:
+                h_prev = h_in
+            y = tl.sum(h * Cv[:, None], axis=0) + Dd * u
+            tl.atomic_add(DZ + row * E + e, dy2 * y * zsig * (1.0 + z * (1.0 - zsig)), mask=e_ok, sem="relaxed")
+            dh_dlog = g * decay * h_prev  # d loss / d(delta A) at this step
+            gB = tl.sum(g * Bv[:, None], axis=0)
+            ddelta = tl.sum(dh_dlog * A_, axis=0) + gB * u
+            dA_acc += dh_dlog * delta[None, :]
+            tl.store(DU + (d * BL + row) * E + e, gB * delta + Dd * dy, mask=e_ok)
+            dD_acc += dy * u
+            ddt = tl.where(e_ok, ddelta * tl.where(dt_raw > 20.0, 1.0, tl.sigmoid(dt_raw)), 0.0)
+            tl.store(DDT + (d * BL + row) * E + e, ddt, mask=e_ok)
+            dbias_acc += ddt
+            tl.atomic_add(DBC + (d * BL + row) * 2 * N + n, tl.sum(g * (delta * u)[None, :], axis=1), sem="relaxed")
+            tl.atomic_add(DBC + (d * BL + row) * 2 * N + N + n, tl.sum(h * dy[None, :], axis=1), sem="relaxed")
+            h = h_prev
+        row -= sgn
+    if PASS == 0:  # what this chunk sends to the one before it: decay at its first step times g there
+        base = ((d * B + b) * NC + c) * E
+        tl.store(GQ + base * N + n[:, None] * E + e[None, :], decay_next * g, mask=e_ok[None, :])
+    else:
+        tl.atomic_add(DAT + a_off, dA_acc, mask=e_ok[None, :], sem="relaxed")
+        tl.atomic_add(DD + d * E + e, dD_acc, mask=e_ok, sem="relaxed")
+        tl.atomic_add(DDTB + d * E + e, dbias_acc, mask=e_ok, sem="relaxed")
+
+
 SEQ = dict(BD=32, CL=256, num_warps=1)
+TRAIN_PATH = "seq"  # the training kernels: "seq" (SeqMixerFn, channel-last) or "assoc" (FusedBiMixerFn)
+
+
+def _seq_launch(batch, length, e):
+    """(kernel options, chunk length, number of chunks, grid) of the channel-last scan kernels."""
+    cfg = dict(SEQ)
+    cl = cfg.pop("CL")
+    nc = triton.cdiv(length, cl)
+    return cfg, cl, nc, (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
 
 
 def scan_seq(xc, x_dbl, dt, z, A, D, dt_bias, batch):
     """Both passes of _scan_seq over channel-last inputs: xc and dt (2, batch*L, E), x_dbl (2, batch*L, R + 2N), z
-    a (batch*L, E) view with row stride 2E. Returns y2 (batch*L, 2E): SiLU(z) y_d of both directions side by side."""
+    a (batch*L, E) view with row stride 2E. Returns y2 (batch*L, 2E), SiLU(z) y_d of both directions side by side,
+    and the chunk end states and summed deltas the backward starts from."""
     bl, e, n = xc.shape[1], xc.shape[2], A.shape[-1]
     length, r = bl // batch, x_dbl.shape[-1] - 2 * n
+    cfg, cl, nc, grid = _seq_launch(batch, length, e)
     y2 = torch.empty(bl, 2 * e, device=xc.device, dtype=xc.dtype)
-    cfg = dict(SEQ)
-    cl = cfg.pop("CL")
-    nc = triton.cdiv(length, cl)
     hc = torch.empty(2, batch, nc, n, e, device=xc.device, dtype=torch.float32)
     sc = torch.empty(2, batch, nc, e, device=xc.device, dtype=torch.float32)
-    grid = (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
     at = A.transpose(1, 2).contiguous()
     for p in (0, 1) if nc > 1 else (1,):
         _scan_seq[grid](xc, x_dbl, dt, z, at, D, dt_bias, y2, hc, sc, length, batch, e, r, nc, cl, n, PASS=p, **cfg)
-    return y2
+    return y2, hc, sc
 
 
-def bimixer_inference(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, out_proj_w):
-    """The whole mixer without autograd, channel-last: hidden (batch*L, d_model) -> (batch*L, d_model), for
-    out_proj_w already carrying the halving. The two directions' gated outputs sit side by side, (batch*L, 2E), so
-    out_proj sums them in its GEMM (weight [W, W])."""
-    dtype, r, e = hidden.dtype, dt_proj_w.shape[-1], conv_w.shape[1]
-    xz = F.linear(hidden, in_proj_w.to(dtype))  # (batch*L, 2E)
-    xc = conv_forward(xz, conv_w, conv_b, batch, channel_last=True)
-    x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
-    dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
-    y2 = scan_seq(xc, x_dbl, dt, xz[:, e:], A, D, dt_bias, batch)
-    return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(dtype))
+class SeqMixerFn(torch.autograd.Function):
+    """xz (batch*L, 2E) -> y2 (batch*L, 2E): SiLU(z) y_d of both directions side by side, channel-last."""
+
+    @staticmethod
+    def forward(ctx, xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias):
+        dtype, e, r = xz.dtype, xz.shape[1] // 2, dt_proj_w.shape[-1]
+        xc = conv_forward(xz, conv_w, conv_b, batch, channel_last=True)
+        x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
+        dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
+        y2, hc, sc = scan_seq(xc, x_dbl, dt, xz[:, e:], A, D, dt_bias, batch)
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, hc, sc)
+        ctx.batch = batch
+        return y2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy2):
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, hc, sc = ctx.saved_tensors
+        batch, dtype, (bl, e2) = ctx.batch, xz.dtype, xz.shape
+        length, e, r, n, k = bl // batch, e2 // 2, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
+        xc = conv_forward(xz, conv_w, conv_b, batch, channel_last=True)  # recomputed, as dt is
+        wdt = dt_proj_w.to(dtype)
+        dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))
+        f32 = dict(device=xz.device, dtype=torch.float32)
+        du, ddt = torch.empty_like(xc), torch.empty_like(dt)
+        dbc, dz = torch.zeros(2, bl, 2 * n, **f32), torch.zeros(bl, e, **f32)
+        at = A.transpose(1, 2).contiguous()
+        dat, dD, ddt_bias = torch.zeros_like(at), torch.zeros_like(D), torch.zeros_like(dt_bias)
+        cfg, cl, nc, grid = _seq_launch(batch, length, e)
+        hs = torch.empty(2, bl, n, e, device=xz.device, dtype=torch.float32 if dtype == torch.float32 else dtype)
+        gq = torch.empty(2, batch, nc, n, e, **f32)
+        for p in (0, 1) if nc > 1 else (1,):
+            _scan_seq_bwd[grid](xc, x_dbl, dt, xz[:, e:], at, D, dt_bias, dy2.contiguous(), hc, sc, gq, hs, du, ddt,
+                                dbc, dz, dat, dD, ddt_bias, length, batch, e, r, nc, cl, n, PASS=p, **cfg)
+        dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.to(dtype)], dim=2)  # (2, batch*L, R + 2N)
+        d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])
+        d_x_proj_w = torch.bmm(dx_dbl.transpose(1, 2), xc)
+        dxc = torch.baddbmm(du, dx_dbl, x_proj_w.to(dtype))
+        dpre = torch.empty(2, bl, e, **f32)
+        dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
+        dxz = torch.empty_like(xz)
+        grid = _conv_grid(batch, length, e)
+        _conv_bwd_dpre[grid](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, 1, e2, bl * e, 1, e, e, k,
+                             **CONV_BLOCK)
+        _conv_bwd_dx[grid](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **CONV_BLOCK)
+        dxz[:, e:] = dz
+        return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
+                d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2), dD, ddt_bias)
+
+
+def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, out_proj_w):
+    """The whole mixer, channel-last: hidden (batch*L, d_model) -> (batch*L, d_model), for out_proj_w already
+    carrying the halving. The two directions' gated outputs sit side by side, (batch*L, 2E), so out_proj sums them
+    in its GEMM (weight [W, W])."""
+    xz = F.linear(hidden, in_proj_w.to(hidden.dtype))  # (batch*L, 2E)
+    y2 = SeqMixerFn.apply(xz, batch, conv_w.contiguous(), conv_b.contiguous(), x_proj_w, dt_proj_w, A.contiguous(),
+                          D.contiguous(), dt_bias.contiguous())
+    return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(y2.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -420,8 +584,9 @@ class FusedBiMixerFn(torch.autograd.Function):
         dpre = torch.empty(2, e, bl, **f32)
         dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
         grid = _conv_grid(batch, length, e)
-        _conv_bwd_dpre[grid](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, bl, e, k, **CONV_BLOCK)
-        _conv_bwd_dx[grid](conv_w, dpre, dxz, length, bl, e, k, **CONV_BLOCK)
+        _conv_bwd_dpre[grid](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, bl, 1, e * bl, bl, 1, e, k,
+                             **CONV_BLOCK)
+        _conv_bwd_dx[grid](conv_w, dpre, dxz, length, e * bl, bl, 1, bl, 1, e, k, **CONV_BLOCK)
         return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
                 d_dt_proj_w.to(dt_proj_w.dtype), dA, dD, ddt_bias)
 
@@ -429,7 +594,7 @@ class FusedBiMixerFn(torch.autograd.Function):
 def fits(batch: int, length: int, d_inner: int, d_state: int, dt_rank: int) -> bool:
     """Whether every buffer of the kernels stays within their 32-bit offsets and the batch within a grid axis."""
     bl = batch * length
-    largest = max(2 * d_inner * bl, 2 * (dt_rank + 2 * d_state) * bl,
+    largest = max(2 * d_inner * bl, 2 * (dt_rank + 2 * d_state) * bl, 2 * d_inner * d_state * bl,  # HS scratch
                   2 * batch * d_inner * d_state * triton.cdiv(length, min(SCAN_BWD["T"], SEQ["CL"])))
     return largest < 2 ** 31 and batch * triton.cdiv(length, SEQ["CL"]) < 2 ** 16
 
