@@ -19,10 +19,11 @@ from vimexp.models.vim import VimMixer
 from vimexp.ops import fused_mixer as fm
 
 SHAPES = {"vim_ti_1248_b8": (8, 6085, 192), "vim_s_224_b128": (128, 197, 384), "vim_ti_224_b128": (128, 197, 192)}
-# the channel-last kernels' blocks: channels a program, tokens a chunk, warps (a lane owns BD / (32 warps) channels)
+# the channel-last kernels' blocks: channels a program, tokens a chunk, warps (a lane owns BD / (32 warps) channels);
+# "train" sweeps the backward kernel's blocks (the forward's are SEQ)
 SWEEP_SEQ = {"inference": [dict(BD=bd, CL=cl, num_warps=w) for bd in (32, 64, 128) for w in (1, 2, 4)
                            for cl in (256, 512) if bd >= 32 * w],
-             "train": [dict(BD=bd, CL=256, num_warps=w) for bd, w in [(16, 1), (32, 1), (64, 1), (64, 2)]]}
+             "train": [dict(BD=bd, num_warps=w) for bd, w in [(16, 1), (32, 1), (64, 1), (64, 2)]]}
 
 
 def time_ms(fn, warmup=3, repeats=15) -> float:
@@ -62,17 +63,17 @@ def scan_kernel_alone(shape) -> dict:
     time, its effective bandwidth (the least traffic a fused scan needs: u, dt, B, C of both directions, z and
     the output once each, over its time) and its state-update rate."""
     batch, length, dim = shape
-    e, n, r = 2 * dim, 16, -(-dim // 16)
+    e, n = 2 * dim, 16
     bl = batch * length
     torch.manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
     xc, dt, xz = torch.randn(2, bl, e, **bf), torch.randn(2, bl, e, **bf) - 4, torch.randn(bl, 2 * e, **bf)
-    x_dbl = torch.randn(2, bl, r + 2 * n, **bf)
+    bc = torch.randn(2, bl, 2 * n, device="cuda")
     A = -torch.rand(2, e, n, device="cuda") * 15 - 1
     D, bias = torch.randn(2, e, device="cuda"), torch.randn(2, e, device="cuda")
 
     def scan():
-        fm.scan_seq(xc, x_dbl, dt, xz[:, e:], A, D, bias, batch)
+        fm.scan_seq(xc, bc, dt, xz[:, e:], A, D, bias, batch)
     ms = time_ms(scan)
     nbytes = 2 * bl * (4 * e + 4 * n + 2 * e)
     updates = 2 * batch * length * e * n
@@ -104,13 +105,14 @@ def main():
     record = {"environment": environment(torch.device("cuda")), "command": "python -m vimexp.bench_mixer "
               + ("--sweep " if args.sweep else "") + " ".join(f"--shapes {s}" for s in args.shapes),
               "shape": "(batch, tokens, d_model); E = 2 d_model channels, 16 states", "configs": {
-                  "SEQ": dict(fm.SEQ), "SCAN_BWD": dict(fm.SCAN_BWD), "CONV_BLOCK": dict(fm.CONV_BLOCK)},
+                  "SEQ": dict(fm.SEQ), "SEQ_BWD": dict(fm.SEQ_BWD), "SCAN_BWD": dict(fm.SCAN_BWD), "CONV_BLOCK": dict(fm.CONV_BLOCK)},
               "rows": []}
     for name in args.shapes:
         shape = SHAPES[name]
         row = {"shape_name": name, "shape": list(shape)}
         if args.sweep:
-            row["sweep_seq"] = {mode: sweep(shape, configs, fm.SEQ, mode) for mode, configs in SWEEP_SEQ.items()}
+            row["sweep_seq"] = {"inference": sweep(shape, SWEEP_SEQ["inference"], fm.SEQ, "inference"),
+                                "train": sweep(shape, SWEEP_SEQ["train"], fm.SEQ_BWD, "train")}
         for kernel in ("cuda", "fused"):
             infer, train = mixer_steps(kernel, shape)
             row[kernel] = {"inference_ms": time_ms(infer), "train_ms": time_ms(train)}

@@ -272,7 +272,7 @@ def _scan_bwd(U, XDBL, DT, Z, A, D, DTB, DOUT, STATES, DU, DDT, DBC, DZ, DA, DD,
 
 # ------------------------------------------------------------------------------------------ inference (no grad)
 @triton.jit
-def _scan_seq(U, XDBL, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.constexpr, BD: tl.constexpr,
+def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.constexpr, BD: tl.constexpr,
               PASS: tl.constexpr):
     """Channel-last, one step at a time: a program owns (channel block, batch, chunk of CL steps, direction) and
     keeps its (N, BD) states in registers. PASS 0 writes each chunk's end state from a zero start and its summed
@@ -289,7 +289,6 @@ def _scan_seq(U, XDBL, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.
     e_ok = e < E
     n = tl.arange(0, N)
     BL = B * L
-    W = R + 2 * N
     # exp(x A) = exp2(x A log2(e))
     A2 = tl.load(AT + (d * N + n[:, None]) * E + e[None, :], mask=e_ok[None, :], other=0.0) * 1.4426950408889634
     Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
@@ -305,27 +304,27 @@ def _scan_seq(U, XDBL, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.
     row = b * L + d * (L - 1) + sgn * c * CL  # the first token of the chunk in scan order
     u_next = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0)
     dt_next = tl.load(DT + (d * BL + row) * E + e, mask=e_ok, other=0.0)
-    B_next = tl.load(XDBL + (d * BL + row) * W + R + n)
-    C_next = tl.load(XDBL + (d * BL + row) * W + R + N + n)
+    B_next = tl.load(BC + (d * BL + row) * 2 * N + n)
+    C_next = tl.load(BC + (d * BL + row) * 2 * N + N + n)
     z_next = tl.load(Z + row * 2 * E + e, mask=e_ok, other=0.0)
     sum_delta = tl.zeros([BD], tl.float32)
     for i in range(steps):
-        u, dt, Bv, Cv, z = u_next.to(tl.float32), dt_next, B_next.to(tl.float32), C_next, z_next
+        u, dt, Bv, Cv, z = u_next.to(tl.float32), dt_next, B_next, C_next, z_next
         out_row = row
         row += sgn
         more = (i + 1) < steps
         u_next = tl.load(U + (d * BL + row) * E + e, mask=e_ok & more, other=0.0)
         dt_next = tl.load(DT + (d * BL + row) * E + e, mask=e_ok & more, other=0.0)
-        B_next = tl.load(XDBL + (d * BL + row) * W + R + n, mask=more, other=0.0)
+        B_next = tl.load(BC + (d * BL + row) * 2 * N + n, mask=more, other=0.0)
         if PASS == 1:
-            C_next = tl.load(XDBL + (d * BL + row) * W + R + N + n, mask=more, other=0.0)
+            C_next = tl.load(BC + (d * BL + row) * 2 * N + N + n, mask=more, other=0.0)
             z_next = tl.load(Z + row * 2 * E + e, mask=e_ok & more, other=0.0)
         delta = _softplus(dt.to(tl.float32) + bias)
         h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * u)[None, :]
         if PASS == 0:
             sum_delta += delta
         else:
-            y = tl.sum(h * Cv.to(tl.float32)[:, None], axis=0) + Dd * u
+            y = tl.sum(h * Cv[:, None], axis=0) + Dd * u
             z = z.to(tl.float32)
             tl.store(Y2 + out_row * 2 * E + d * E + e, y * z * tl.sigmoid(z), mask=e_ok)
     if PASS == 0:
@@ -335,8 +334,8 @@ def _scan_seq(U, XDBL, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, R, NC, CL, N: tl.
 
 
 @triton.jit
-def _scan_seq_bwd(U, XDBL, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, DZ, DAT, DD, DDTB, L, B, E, R, NC,
-                  CL, N: tl.constexpr, BD: tl.constexpr, PASS: tl.constexpr):
+def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, DZ, DAT, DD, DDTB, L, B, E, NC, CL,
+                  N: tl.constexpr, BD: tl.constexpr, PASS: tl.constexpr):
     """Backward of _scan_seq, same programs and (N, BD) layout. The adjoint g_t = C_t dy_t + decay_{t+1} g_{t+1}
     runs backwards in time and is carried between chunks as the states are: PASS 0 (several chunks only) writes
     each chunk's outgoing adjoint decay_first * g_first from a zero start; PASS 1 recomputes the chunk's states into
@@ -349,7 +348,6 @@ def _scan_seq_bwd(U, XDBL, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC,
     e_ok = e < E
     n = tl.arange(0, N)
     BL = B * L
-    W = R + 2 * N
     a_off = (d * N + n[:, None]) * E + e[None, :]
     A_ = tl.load(AT + a_off, mask=e_ok[None, :], other=0.0)
     A2 = A_ * 1.4426950408889634
@@ -370,7 +368,7 @@ def _scan_seq_bwd(U, XDBL, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC,
         for _ in range(steps):
             u = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32)
             delta = _softplus(tl.load(DT + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32) + bias)
-            Bv = tl.load(XDBL + (d * BL + row) * W + R + n).to(tl.float32)
+            Bv = tl.load(BC + (d * BL + row) * 2 * N + n)
             h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * u)[None, :]
             tl.store(hs_ptr + row * N * E, h, mask=e_ok[None, :])
             row += sgn
@@ -394,8 +392,8 @@ def _scan_seq_bwd(U, XDBL, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC,
         u = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32)
         dt_raw = tl.load(DT + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32) + bias
         delta = _softplus(dt_raw)
-        Bv = tl.load(XDBL + (d * BL + row) * W + R + n).to(tl.float32)
-        Cv = tl.load(XDBL + (d * BL + row) * W + R + N + n).to(tl.float32)
+        Bv = tl.load(BC + (d * BL + row) * 2 * N + n)
+        Cv = tl.load(BC + (d * BL + row) * 2 * N + N + n)
         z = tl.load(Z + row * 2 * E + e, mask=e_ok, other=0.0).to(tl.float32)
         zsig = tl.sigmoid(z)
         dy2 = tl.load(DY2 + row * 2 * E + d * E + e, mask=e_ok, other=0.0).to(tl.float32)
@@ -432,31 +430,32 @@ def _scan_seq_bwd(U, XDBL, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC,
         tl.atomic_add(DDTB + d * E + e, dbias_acc, mask=e_ok, sem="relaxed")
 
 
-SEQ = dict(BD=32, CL=256, num_warps=1)
+SEQ = dict(BD=64, CL=256, num_warps=1)
+SEQ_BWD = dict(BD=32, num_warps=1)  # _scan_seq_bwd's blocks (its chunks are SEQ's): it needs twice the registers
 TRAIN_PATH = "seq"  # the training kernels: "seq" (SeqMixerFn, channel-last) or "assoc" (FusedBiMixerFn)
 
 
-def _seq_launch(batch, length, e):
+def _seq_launch(batch, length, e, backward=False):
     """(kernel options, chunk length, number of chunks, grid) of the channel-last scan kernels."""
-    cfg = dict(SEQ)
-    cl = cfg.pop("CL")
+    cfg = dict(SEQ_BWD) if backward else dict(SEQ)
+    cl = cfg.pop("CL", SEQ["CL"])
     nc = triton.cdiv(length, cl)
     return cfg, cl, nc, (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
 
 
-def scan_seq(xc, x_dbl, dt, z, A, D, dt_bias, batch):
-    """Both passes of _scan_seq over channel-last inputs: xc and dt (2, batch*L, E), x_dbl (2, batch*L, R + 2N), z
-    a (batch*L, E) view with row stride 2E. Returns y2 (batch*L, 2E), SiLU(z) y_d of both directions side by side,
-    and the chunk end states and summed deltas the backward starts from."""
+def scan_seq(xc, bc, dt, z, A, D, dt_bias, batch):
+    """Both passes of _scan_seq over channel-last inputs: xc and dt (2, batch*L, E), B and C side by side in float32
+    bc (2, batch*L, 2N), z a (batch*L, E) view with row stride 2E. Returns y2 (batch*L, 2E), SiLU(z) y_d of both
+    directions side by side, and the chunk end states and summed deltas the backward starts from."""
     bl, e, n = xc.shape[1], xc.shape[2], A.shape[-1]
-    length, r = bl // batch, x_dbl.shape[-1] - 2 * n
+    length = bl // batch
     cfg, cl, nc, grid = _seq_launch(batch, length, e)
     y2 = torch.empty(bl, 2 * e, device=xc.device, dtype=xc.dtype)
     hc = torch.empty(2, batch, nc, n, e, device=xc.device, dtype=torch.float32)
     sc = torch.empty(2, batch, nc, e, device=xc.device, dtype=torch.float32)
     at = A.transpose(1, 2).contiguous()
     for p in (0, 1) if nc > 1 else (1,):
-        _scan_seq[grid](xc, x_dbl, dt, z, at, D, dt_bias, y2, hc, sc, length, batch, e, r, nc, cl, n, PASS=p, **cfg)
+        _scan_seq[grid](xc, bc, dt, z, at, D, dt_bias, y2, hc, sc, length, batch, e, nc, cl, n, PASS=p, **cfg)
     return y2, hc, sc
 
 
@@ -469,15 +468,16 @@ class SeqMixerFn(torch.autograd.Function):
         xc = conv_forward(xz, conv_w, conv_b, batch, channel_last=True)
         x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
         dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
-        y2, hc, sc = scan_seq(xc, x_dbl, dt, xz[:, e:], A, D, dt_bias, batch)
-        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, hc, sc)
+        bc = x_dbl[..., r:].float().contiguous()  # float32 B, C: the scan loads them every step, bf16 costs unpacking
+        y2, hc, sc = scan_seq(xc, bc, dt, xz[:, e:], A, D, dt_bias, batch)
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc)
         ctx.batch = batch
         return y2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy2):
-        xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, hc, sc = ctx.saved_tensors
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc = ctx.saved_tensors
         batch, dtype, (bl, e2) = ctx.batch, xz.dtype, xz.shape
         length, e, r, n, k = bl // batch, e2 // 2, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
         xc = conv_forward(xz, conv_w, conv_b, batch, channel_last=True)  # recomputed, as dt is
@@ -488,12 +488,12 @@ class SeqMixerFn(torch.autograd.Function):
         dbc, dz = torch.zeros(2, bl, 2 * n, **f32), torch.zeros(bl, e, **f32)
         at = A.transpose(1, 2).contiguous()
         dat, dD, ddt_bias = torch.zeros_like(at), torch.zeros_like(D), torch.zeros_like(dt_bias)
-        cfg, cl, nc, grid = _seq_launch(batch, length, e)
+        cfg, cl, nc, grid = _seq_launch(batch, length, e, backward=True)
         hs = torch.empty(2, bl, n, e, device=xz.device, dtype=torch.float32 if dtype == torch.float32 else dtype)
         gq = torch.empty(2, batch, nc, n, e, **f32)
         for p in (0, 1) if nc > 1 else (1,):
-            _scan_seq_bwd[grid](xc, x_dbl, dt, xz[:, e:], at, D, dt_bias, dy2.contiguous(), hc, sc, gq, hs, du, ddt,
-                                dbc, dz, dat, dD, ddt_bias, length, batch, e, r, nc, cl, n, PASS=p, **cfg)
+            _scan_seq_bwd[grid](xc, bc, dt, xz[:, e:], at, D, dt_bias, dy2.contiguous(), hc, sc, gq, hs, du, ddt,
+                                dbc, dz, dat, dD, ddt_bias, length, batch, e, nc, cl, n, PASS=p, **cfg)
         dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.to(dtype)], dim=2)  # (2, batch*L, R + 2N)
         d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])
         d_x_proj_w = torch.bmm(dx_dbl.transpose(1, 2), xc)
