@@ -22,7 +22,8 @@ TOL = 1e-4  # float32 kernels against a float64 reference
 @pytest.fixture
 def small_blocks(monkeypatch):
     for table, values in ((fused_mixer.SCAN_BWD, dict(T=8, BD=2)), (fused_mixer.CONV_BLOCK, dict(BE=8, BT=16)),
-                          (fused_mixer.SEQ, dict(BD=8, CL=5)), (fused_mixer.SEQ_BWD, dict(BD=4))):
+                          (fused_mixer.SEQ, dict(BD=8, CL=5)), (fused_mixer.SEQ_LONG, dict(BD=4, CL=5)),
+                          (fused_mixer.SEQ_BWD, dict(BD=4))):
         for key, value in values.items():
             monkeypatch.setitem(table, key, value)
 
@@ -63,7 +64,8 @@ def test_training_path_matches_float64_reference(small_blocks, monkeypatch, trai
 @pytest.mark.parametrize("chunk", [5, 64])  # several chunks carried into each other, and one
 @pytest.mark.parametrize("batch, length, d_model", [(3, 19, 8), (1, 2, 6)])  # 12 channels: partly filled blocks
 def test_inference_path_matches_float64_reference(small_blocks, monkeypatch, chunk, batch, length, d_model):
-    monkeypatch.setitem(fused_mixer.SEQ, "CL", chunk)
+    for table in (fused_mixer.SEQ, fused_mixer.SEQ_LONG):
+        monkeypatch.setitem(table, "CL", chunk)
     ref, fused = _mixers(seed=1, d_model=d_model)
     x = torch.randn(batch, length, d_model, dtype=torch.float64)
     with torch.no_grad():

@@ -21,8 +21,7 @@ from vimexp.ops import fused_mixer as fm
 SHAPES = {"vim_ti_1248_b8": (8, 6085, 192), "vim_s_224_b128": (128, 197, 384), "vim_ti_224_b128": (128, 197, 192)}
 # the channel-last kernels' blocks: channels a program, tokens a chunk, warps (a lane owns BD / (32 warps) channels);
 # "train" sweeps the backward kernel's blocks (the forward's are SEQ)
-SWEEP_SEQ = {"inference": [dict(BD=bd, CL=cl, num_warps=w) for bd in (32, 64, 128) for w in (1, 2, 4)
-                           for cl in (256, 512) if bd >= 32 * w],
+SWEEP_SEQ = {"inference": [dict(BD=bd, num_warps=w) for bd in (32, 64, 128) for w in (1, 2, 4) if bd >= 32 * w],
              "train": [dict(BD=bd, num_warps=w) for bd, w in [(16, 1), (32, 1), (64, 1), (64, 2)]]}
 
 
@@ -77,7 +76,7 @@ def scan_kernel_alone(shape) -> dict:
     ms = time_ms(scan)
     nbytes = 2 * bl * (4 * e + 4 * n + 2 * e)
     updates = 2 * batch * length * e * n
-    return {"ms": ms, "config": fm.SEQ, "least_bytes": nbytes, "tb_per_s": nbytes / ms / 1e9,
+    return {"ms": ms, "config": fm.seq_config(length), "least_bytes": nbytes, "tb_per_s": nbytes / ms / 1e9,
             "updates_per_s_T": updates / ms / 1e9}
 
 
@@ -105,13 +104,14 @@ def main():
     record = {"environment": environment(torch.device("cuda")), "command": "python -m vimexp.bench_mixer "
               + ("--sweep " if args.sweep else "") + " ".join(f"--shapes {s}" for s in args.shapes),
               "shape": "(batch, tokens, d_model); E = 2 d_model channels, 16 states", "configs": {
-                  "SEQ": dict(fm.SEQ), "SEQ_BWD": dict(fm.SEQ_BWD), "SCAN_BWD": dict(fm.SCAN_BWD), "CONV_BLOCK": dict(fm.CONV_BLOCK)},
+                  name: dict(getattr(fm, name)) for name in ("SEQ", "SEQ_LONG", "SEQ_BWD", "SCAN_BWD", "CONV_BLOCK")},
               "rows": []}
     for name in args.shapes:
         shape = SHAPES[name]
         row = {"shape_name": name, "shape": list(shape)}
         if args.sweep:
-            row["sweep_seq"] = {"inference": sweep(shape, SWEEP_SEQ["inference"], fm.SEQ, "inference"),
+            forward = fm.seq_config(shape[1])  # the blocks of this length's forward
+            row["sweep_seq"] = {"inference": sweep(shape, SWEEP_SEQ["inference"], forward, "inference"),
                                 "train": sweep(shape, SWEEP_SEQ["train"], fm.SEQ_BWD, "train")}
         for kernel in ("cuda", "fused"):
             infer, train = mixer_steps(kernel, shape)

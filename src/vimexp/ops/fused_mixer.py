@@ -364,14 +364,13 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, D
             decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
             h = decay * h + tl.load(HC + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0)
         h_in = h
-        row = first
-        for _ in range(steps):
+        for i in tl.range(0, steps, num_stages=3):
+            row = first + sgn * i
             u = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32)
             delta = _softplus(tl.load(DT + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32) + bias)
             Bv = tl.load(BC + (d * BL + row) * 2 * N + n)
             h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * u)[None, :]
             tl.store(hs_ptr + row * N * E, h, mask=e_ok[None, :])
-            row += sgn
         tl.debug_barrier()
         g = tl.zeros([N, BD], tl.float32)  # the adjoint arriving from the chunks after this one
         for k in range(NC - 1, c, -1):
@@ -387,8 +386,9 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, D
     row = first + sgn * (steps - 1)
     if PASS == 1:
         h = tl.load(hs_ptr + row * N * E, mask=e_ok[None, :], other=0.0).to(tl.float32)
-    for j in range(steps):
+    for j in tl.range(0, steps, num_stages=3):  # Triton pipelines the step's loads (cp.async), 2 steps ahead
         i = steps - 1 - j
+        row = first + sgn * i
         u = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32)
         dt_raw = tl.load(DT + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32) + bias
         delta = _softplus(dt_raw)
@@ -420,7 +420,6 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, D
             tl.atomic_add(DBC + (d * BL + row) * 2 * N + n, tl.sum(g * (delta * u)[None, :], axis=1), sem="relaxed")
             tl.atomic_add(DBC + (d * BL + row) * 2 * N + N + n, tl.sum(h * dy[None, :], axis=1), sem="relaxed")
             h = h_prev
-        row -= sgn
     if PASS == 0:  # what this chunk sends to the one before it: decay at its first step times g there
         base = ((d * B + b) * NC + c) * E
         tl.store(GQ + base * N + n[:, None] * E + e[None, :], decay_next * g, mask=e_ok[None, :])
@@ -430,15 +429,23 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, D
         tl.atomic_add(DDTB + d * E + e, dbias_acc, mask=e_ok, sem="relaxed")
 
 
-SEQ = dict(BD=64, CL=256, num_warps=1)
-SEQ_BWD = dict(BD=32, num_warps=1)  # _scan_seq_bwd's blocks (its chunks are SEQ's): it needs twice the registers
+# Blocks of the channel-last kernels, by H100 sweeps (bench_mixer --sweep): channels a program, tokens a chunk
+SEQ = dict(BD=64, CL=256, num_warps=1)  # sequences of one chunk
+SEQ_LONG = dict(BD=32, CL=256, num_warps=1)  # longer ones (two passes): more, smaller programs ran 8% faster
+SEQ_BWD = dict(BD=32, num_warps=1)  # _scan_seq_bwd (chunks as the forward's): it holds twice the registers
 TRAIN_PATH = "seq"  # the training kernels: "seq" (SeqMixerFn, channel-last) or "assoc" (FusedBiMixerFn)
+
+
+def seq_config(length):
+    return SEQ if length <= SEQ["CL"] else SEQ_LONG
 
 
 def _seq_launch(batch, length, e, backward=False):
     """(kernel options, chunk length, number of chunks, grid) of the channel-last scan kernels."""
-    cfg = dict(SEQ_BWD) if backward else dict(SEQ)
-    cl = cfg.pop("CL", SEQ["CL"])
+    cfg = dict(seq_config(length))
+    cl = cfg.pop("CL")
+    if backward:
+        cfg = dict(SEQ_BWD)
     nc = triton.cdiv(length, cl)
     return cfg, cl, nc, (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
 
@@ -595,8 +602,8 @@ def fits(batch: int, length: int, d_inner: int, d_state: int, dt_rank: int) -> b
     """Whether every buffer of the kernels stays within their 32-bit offsets and the batch within a grid axis."""
     bl = batch * length
     largest = max(2 * d_inner * bl, 2 * (dt_rank + 2 * d_state) * bl, 2 * d_inner * d_state * bl,  # HS scratch
-                  2 * batch * d_inner * d_state * triton.cdiv(length, min(SCAN_BWD["T"], SEQ["CL"])))
-    return largest < 2 ** 31 and batch * triton.cdiv(length, SEQ["CL"]) < 2 ** 16
+                  2 * batch * d_inner * d_state * triton.cdiv(length, min(SCAN_BWD["T"], seq_config(length)["CL"])))
+    return largest < 2 ** 31 and batch * triton.cdiv(length, seq_config(length)["CL"]) < 2 ** 16
 
 
 def fused_bimixer(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias):
