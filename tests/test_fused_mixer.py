@@ -78,9 +78,9 @@ def test_fused_without_gpu_says_why():
         create_model("vim_nano", kernel="fused")
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "fused_inference"), ((8, 0), "cuda")])
+@pytest.mark.parametrize("capability, expected", [((9, 0), "fused"), ((8, 0), "cuda")])
 def test_auto_runs_the_triton_mixer_on_hopper_only(monkeypatch, capability, expected):
-    """The policy behind kernel=auto: the fused inference kernels where they were measured faster (sm_90)."""
+    """The policy behind kernel=auto: the Triton mixer where it was measured faster, training and inference (sm_90)."""
     import vimexp.ops as ops
     monkeypatch.setattr(ops, "cuda_unavailable_reason", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
@@ -99,7 +99,8 @@ def test_fused_on_an_old_gpu_says_why(monkeypatch):
 def test_state_size_the_kernels_cannot_tile():
     with pytest.raises(VimexpError, match="power-of-two d_state, not 12"):
         VimMixer(8, d_state=12, kernel="fused")
-    assert VimMixer(8, d_state=12, kernel="fused_inference").kernel == "cuda"  # auto's choice falls back quietly
+    assert VimMixer(8, d_state=12, kernel="fused_inference").kernel == "cuda"  # falls back quietly
+    assert VimMixer(8, d_state=12, kernel="fused", strict_kernel=False).kernel == "cuda"  # as auto's choice does
 
 
 def test_auto_falls_back_to_mamba_ssm_where_triton_cannot_build(monkeypatch):

@@ -63,7 +63,8 @@ class HierVim(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
                                       output_fmt="NHWC")
         dpr = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
-        mixer = dict(d_state=d_state, expand=expand, bimamba=bimamba, kernel=self.kernel, recompute=recompute)
+        mixer = dict(d_state=d_state, expand=expand, bimamba=bimamba, kernel=self.kernel, recompute=recompute,
+                     strict_kernel=kernel != "auto")
         self.stages = nn.Sequential(*(
             HierVimStage(PatchMerging(dims[i - 1], dims[i]) if i else nn.Identity(),
                          [HierVimBlock(dims[i], mlp_ratio, next(dpr), **mixer) for _ in range(depth)])

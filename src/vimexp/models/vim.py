@@ -39,18 +39,20 @@ class VimMixer(nn.Module):
     On the cuda kernels each direction (bimamba none/v2) runs as one autograd node (vimexp.ops.mixer_branch);
     recompute makes it recompute the conv output in the backward, as the official fused mixer does: the official
     training memory (Vim-S, bf16, batch 128: 9.0 instead of 10.7 GiB) for 2-3% speed on an H100
-    (experiments/results/bench_h100/)."""
+    (experiments/results/bench_h100/). strict_kernel=False (kernel=auto): a fused mixer whose shape the Triton
+    kernels can't take runs mamba-ssm instead of raising."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, bimamba="v2", divide_out=True, kernel="torch",
-                 recompute=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
+                 recompute=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, strict_kernel=True):
         super().__init__()
         if bimamba not in ("none", "v1", "v2"):
             raise VimexpError(f"unknown bimamba variant {bimamba!r}: choose none, v1 or v2")
         if kernel.startswith("fused") and d_state & (d_state - 1):  # the Triton kernels tile the states
-            if kernel == "fused":
+            if kernel == "fused" and strict_kernel:
                 raise VimexpError(f"kernel='fused' needs a power-of-two d_state, not {d_state}: use kernel=cuda")
             kernel = "cuda"
         self.bimamba, self.divide_out, self.kernel, self.recompute = bimamba, divide_out, kernel, recompute
+        self.strict_kernel = strict_kernel
         d_inner = expand * d_model
         self.d_state, self.dt_rank = d_state, math.ceil(d_model / 16)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
@@ -124,7 +126,7 @@ class VimMixer(nn.Module):
             from vimexp.ops.fused_mixer import fits
             if fits(hidden.shape[0], hidden.shape[1], self.in_proj.out_features // 2, self.d_state, self.dt_rank):
                 return self._forward_fused(hidden)
-            if self.kernel == "fused":
+            if self.kernel == "fused" and self.strict_kernel:
                 raise VimexpError(f"kernel='fused': batch {hidden.shape[0]} x {hidden.shape[1]} tokens is too large "
                                   "for its 32-bit offsets and grid; use a smaller batch or kernel=fused_inference/cuda")
         ops = get_ops(self.kernel)
@@ -223,7 +225,8 @@ class VisionMamba(nn.Module):
         dpr = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
         self.layers = nn.ModuleList(
             Block(embed_dim, VimMixer(embed_dim, d_state, expand=expand, bimamba=bimamba, divide_out=divide_out,
-                                      kernel=self.kernel, recompute=recompute), dpr[i], norm_eps)
+                                      kernel=self.kernel, strict_kernel=kernel != "auto", recompute=recompute),
+                  dpr[i], norm_eps)
             for i in range(depth))
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(embed_dim, norm_eps)

@@ -1,9 +1,9 @@
 """Kernels of the Vim mixer behind one switch:
 - `cuda`: mamba-ssm + causal-conv1d, the reference GPU path;
 - `fused`: the cuda path with the bimamba v2 mixer in this project's Triton kernels (vimexp.ops.fused_mixer), in
-  inference and in training;
-- `fused_inference`: the Triton mixer where no gradient is taken, mamba-ssm where one is: the fastest of the two
-  in each mode as measured on the H100 (experiments/results/fused_scan/), what `auto` picks on compute capability 9.0;
+  inference and in training: faster than mamba-ssm in both on the H100 (experiments/results/fused_scan/), so `auto`
+  picks it on compute capability 9.0 (where a shape doesn't fit the kernels, auto's mixers run mamba-ssm instead);
+- `fused_inference`: the Triton mixer where no gradient is taken, mamba-ssm where one is;
 - `torch`: plain PyTorch, any device.
 
 The cuda and torch paths take the same arguments as mamba-ssm's functions, so the model code is written once.
@@ -50,7 +50,7 @@ def _fused_unavailable_reason() -> str | None:
 
 
 def resolve_kernel(kernel: str) -> str:
-    """'auto' -> 'fused_inference' on compute capability 9.0, 'cuda' on other GPUs where the kernels import, else
+    """'auto' -> 'fused' on compute capability 9.0, 'cuda' on other GPUs where the kernels import, else
     'torch'; the others raise with the reason when they can't run."""
     if kernel not in KERNELS:
         raise VimexpError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
@@ -60,7 +60,7 @@ def resolve_kernel(kernel: str) -> str:
     if kernel in ("auto", "fused", "fused_inference") and reason is None:
         fused_reason = _fused_unavailable_reason()
         if kernel == "auto":
-            return "fused_inference" if fused_reason is None and torch.cuda.get_device_capability() == (9, 0) \
+            return "fused" if fused_reason is None and torch.cuda.get_device_capability() == (9, 0) \
                 else "cuda"
         reason = fused_reason
     if reason is None:
