@@ -25,8 +25,8 @@ Training where TRAIN_PATH == "assoc", `FusedBiMixerFn`, channel-major (channels,
   registers before the atomic adds;
 - `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is recomputed, not kept).
 Every kernel computes in float32 whatever the activation dtype. What each design gained on the H100, and what it
-was predicted to: experiments/results/fused_scan/NOTES.md (inference 1.4-2.3x the mamba-ssm mixer; training 0.4x,
-which is why `kernel=auto` runs the inference kernels only, `fused_inference`).
+was predicted to: experiments/results/fused_scan/NOTES.md (H100, bf16: Vim-S training 1.67x the mamba-ssm path,
+Vim-Ti inference at 1248 px 1.44x; the associative-scan training kernels 0.4x).
 """
 import torch
 import torch.nn.functional as F
