@@ -272,6 +272,27 @@ def _scan_bwd(U, XDBL, DT, Z, A, D, DTB, DOUT, STATES, DU, DDT, DBC, DZ, DA, DD,
 
 # ------------------------------------------------------------------------------------------ inference (no grad)
 @triton.jit
+def _seq_params(AT, D, DTB, d, e, e_ok, E, N: tl.constexpr):
+    """Offsets and values of direction d's A (N, BD), from the transposed (2, N, E) stack, and its D and dt bias."""
+    a_off = (d * N + tl.arange(0, N)[:, None]) * E + e[None, :]
+    return (a_off, tl.load(AT + a_off, mask=e_ok[None, :], other=0.0), tl.load(D + d * E + e, mask=e_ok, other=0.0),
+            tl.load(DTB + d * E + e, mask=e_ok, other=0.0))
+
+
+@triton.jit
+def _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N: tl.constexpr, BD: tl.constexpr):
+    """The (N, BD) state entering chunk c: PASS 0's end states of the chunks before it in scan order, each carried
+    through the decays (summed deltas) of the chunks after it."""
+    n = tl.arange(0, N)
+    h = tl.zeros([N, BD], tl.float32)
+    for cp in range(c):
+        base = ((d * B + b) * NC + cp) * E
+        decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
+        h = decay * h + tl.load(HC + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0)
+    return h
+
+
+@triton.jit
 def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.constexpr, BD: tl.constexpr,
               PASS: tl.constexpr):
     """Channel-last, one step at a time: a program owns (channel block, batch, chunk of CL steps, direction) and
@@ -289,16 +310,12 @@ def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.const
     e_ok = e < E
     n = tl.arange(0, N)
     BL = B * L
-    # exp(x A) = exp2(x A log2(e))
-    A2 = tl.load(AT + (d * N + n[:, None]) * E + e[None, :], mask=e_ok[None, :], other=0.0) * 1.4426950408889634
-    Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
-    bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
-    h = tl.zeros([N, BD], tl.float32)
+    _, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N)
+    A2 = A_ * 1.4426950408889634  # exp(x A) = exp2(x A log2(e))
     if PASS == 1:
-        for cp in range(c):  # the state entering chunk c, from the chunks before it in scan order
-            base = ((d * B + b) * NC + cp) * E
-            decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
-            h = decay * h + tl.load(HC + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0)
+        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)
+    else:
+        h = tl.zeros([N, BD], tl.float32)
     sgn = 1 - 2 * d
     steps = tl.minimum(CL, L - c * CL)
     row = b * L + d * (L - 1) + sgn * c * CL  # the first token of the chunk in scan order
@@ -348,22 +365,15 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, D
     e_ok = e < E
     n = tl.arange(0, N)
     BL = B * L
-    a_off = (d * N + n[:, None]) * E + e[None, :]
-    A_ = tl.load(AT + a_off, mask=e_ok[None, :], other=0.0)
+    a_off, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N)
     A2 = A_ * 1.4426950408889634
-    Dd = tl.load(D + d * E + e, mask=e_ok, other=0.0)
-    bias = tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
     sgn = 1 - 2 * d
     steps = tl.minimum(CL, L - c * CL)
     first = b * L + d * (L - 1) + sgn * c * CL  # the chunk's first token in scan order
     hs_ptr = HS + (d * BL * N + n[:, None]) * E + e[None, :]  # + row * N * E
     if PASS == 1:
-        h = tl.zeros([N, BD], tl.float32)  # the state entering the chunk, then every state of the chunk into HS
-        for cp in range(c):
-            base = ((d * B + b) * NC + cp) * E
-            decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
-            h = decay * h + tl.load(HC + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0)
-        h_in = h
+        h_in = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)
+        h = h_in  # then every state of the chunk, into HS
         for i in tl.range(0, steps, num_stages=3):
             row = first + sgn * i
             u = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32)
