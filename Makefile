@@ -1,6 +1,6 @@
 # make help: list targets
 PY ?= python
-.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table2 table3 table4 table5 table7 fig1 fig3 bench-train bench-train-hier
+.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table2 table3 table4 table5 table7 fig1 fig3 bench-train bench-train-hier bench-ddp
 
 help:  ## list targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ bench-train:  ## training throughput and memory at 224 px, Vim-Ti/S/B and DeiT-T
 
 bench-train-hier:  ## training throughput and memory at 224 px, Hier-Vim-T/S/B and Swin-T/S/B (Table 7's models)
 	$(PY) -m vimexp.bench bench=train_hier $(BENCH_ARGS)
+
+bench-ddp:  ## on N GPUs of one host: DDP scaling efficiency, 1-vs-N-GPU equivalence and a DDP multirun (Vim-S, 224 px)
+	$(PY) -m vimexp.bench_ddp --devices $(or $(DEVICES),2) --out experiments/results/ddp.json $(BENCH_ARGS)
 
 clean-logs:  ## remove run directories
 	rm -rf logs

@@ -1,0 +1,28 @@
+"""The DDP benchmark's weight bookkeeping (python -m vimexp.bench_ddp): the weights it takes as a run's start are the
+ones train() starts from, and its gaps measure what they say."""
+import torch
+
+from conftest import TINY_RUN, data_overrides, run_cli
+from vimexp.bench_ddp import initial_weights, model_weights, weight_gap
+
+
+def test_initial_weights_are_where_training_starts(tiny_data, tmp_path):
+    # lr 0 and no weight decay: AdamW leaves the weights where they started, so last.ckpt holds the start
+    overrides = [*data_overrides(tiny_data), *TINY_RUN, "logger=csv", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+                 "optimizer.lr=0", "optimizer.weight_decay=0", "++trainer.limit_train_batches=2",
+                 "++trainer.limit_val_batches=1"]
+    run = run_cli("train", *overrides, "seed=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    trained, step = model_weights(tmp_path / "run")
+    start = initial_weights(overrides, seed=3)
+    assert step == 2 and trained.keys() == start.keys()
+    assert all(torch.equal(trained[k], start[k]) for k in start)
+    assert weight_gap(trained, initial_weights(overrides, seed=4))["rel_to_weights"] > 0.1  # another seed, other weights
+
+
+def test_weight_gap_relative_to_weights_and_to_the_update():
+    init = {"w": torch.zeros(4, dtype=torch.float64)}
+    a = {"w": torch.tensor([3.0, 4.0, 0.0, 0.0], dtype=torch.float64)}  # moved 5 from init
+    b = {"w": torch.tensor([3.0, 4.0, 0.0, 0.5], dtype=torch.float64)}
+    gap = weight_gap(a, b, init)
+    assert gap == {"rel_to_weights": 0.1, "max_abs": 0.5, "worst_tensor_rel": 0.1, "rel_to_update": 0.1}
