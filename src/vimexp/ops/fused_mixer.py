@@ -143,6 +143,52 @@ def _conv_bwd_dx(W, DPRE, DX, L, OD, OE, OT, SE, ST, E, K: tl.constexpr, BE: tl.
     tl.store(DX + e[:, None] * SE + (b * L + t[None, :]) * ST, acc, mask=e_ok[:, None] & (t < L)[None, :])
 
 
+@triton.jit
+def _conv_bwd_seq(X, W, CB, DXC, DX, DW, DCB, L, BL, E, SX, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
+                  BT: tl.constexpr, SEG: tl.constexpr):
+    """The conv backward of both directions, channel-last, in one kernel: dx, dW and the bias gradient.
+    A program owns BE channels over SEG tokens of one sequence and walks them in tiles of BT tokens. dx_t needs each
+    direction's d(pre-activation) at the K tokens whose taps read x_t: they are recomputed from x here rather than
+    written out and read back. dW and the bias gradient add up in registers, one atomic add per program at the end.
+    x and dx rows have stride SX (they sit in xz and dxz); d(conv output) is DXC (2, batch*L, E)."""
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
+    b = tl.program_id(1)
+    e_ok = e < E
+    col = tl.arange(0, 2 * KP)  # dW's accumulator columns: direction * KP + tap
+    dw = tl.zeros([BE, 2 * KP], tl.float32)
+    db = tl.zeros([BE, 2], tl.float32)
+    seg_end = tl.minimum(L, (tl.program_id(2) + 1) * SEG)
+    for t0 in range(tl.program_id(2) * SEG, seg_end, BT):
+        t = t0 + tl.arange(0, BT)
+        dx = tl.zeros([BE, BT], tl.float32)
+        for d in tl.static_range(2):
+            for k in tl.static_range(K):
+                s = _tap(t, k, 1 - d, K)  # the output token whose tap k reads x_t
+                if k == K - 1:  # s == t: the tile's own tokens, each counted once for dW and the bias
+                    s_ok = s < seg_end
+                else:
+                    s_ok = (s >= 0) & (s < L)
+                ok = e_ok[:, None] & s_ok[None, :]
+                pre = _conv_pre(X, W, CB, e, e_ok, b, s, L, 1, SX, E, d, K, BE, BT)
+                g = tl.load(DXC + (d * BL + b * L + s[None, :]) * E + e[:, None], mask=ok, other=0.0)
+                sig = tl.sigmoid(pre)
+                dpre = tl.where(ok, g.to(tl.float32) * sig * (1.0 + pre * (1.0 - sig)), 0.0)
+                dx += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * dpre
+                if k == K - 1:
+                    db += tl.where(tl.arange(0, 2)[None, :] == d, tl.sum(dpre, axis=1)[:, None], 0.0)
+                    for kw in tl.static_range(K):
+                        src = _tap(t, kw, d, K)
+                        xv = tl.load(X + (b * L + src[None, :]) * SX + e[:, None],
+                                     mask=e_ok[:, None] & ((src >= 0) & (src < L))[None, :], other=0.0)
+                        dw += tl.where(col[None, :] == d * KP + kw, tl.sum(dpre * xv.to(tl.float32), axis=1)[:, None],
+                                       0.0)
+        tl.store(DX + (b * L + t[None, :]) * SX + e[:, None], dx, mask=e_ok[:, None] & (t < seg_end)[None, :])
+    dk, kw = col // KP, col % KP
+    tl.atomic_add(DW + (dk[None, :] * E + e[:, None]) * K + kw[None, :], dw, mask=e_ok[:, None] & (kw < K)[None, :],
+                  sem="relaxed")
+    tl.atomic_add(DCB + tl.arange(0, 2)[None, :] * E + e[:, None], db, mask=e_ok[:, None], sem="relaxed")
+
+
 # ----------------------------------------------------------------------------------------------------- scan
 @triton.jit
 def _direction_params(A, D, DTB, d, e, e_ok, E, N: tl.constexpr):
@@ -515,13 +561,11 @@ class SeqMixerFn(torch.autograd.Function):
         d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])
         d_x_proj_w = torch.bmm(dx_dbl.transpose(1, 2), xc)
         dxc = torch.baddbmm(du, dx_dbl, x_proj_w.to(dtype))
-        dpre = torch.empty(2, bl, e, **f32)
         dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
         dxz = torch.empty_like(xz)
-        grid = _conv_grid(batch, length, e)
-        _conv_bwd_dpre[grid](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, 1, e2, bl * e, 1, e, e, k,
-                             **CONV_BLOCK)
-        _conv_bwd_dx[grid](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **CONV_BLOCK)
+        seg = CONV_BWD["SEG"]
+        _conv_bwd_seq[(triton.cdiv(e, CONV_BWD["BE"]), batch, triton.cdiv(length, seg))](
+            xz, conv_w, conv_b, dxc, dxz, dconv_w, dconv_b, length, bl, e, e2, k, triton.next_power_of_2(k), **CONV_BWD)
         dxz[:, e:] = dz
         return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
                 d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2), dD, ddt_bias)
@@ -539,6 +583,7 @@ def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_
 
 # ------------------------------------------------------------------------------------------------ autograd
 CONV_BLOCK = dict(BE=32, BT=64)
+CONV_BWD = dict(BE=32, BT=32, SEG=256, num_warps=4)  # _conv_bwd_seq: SEG tokens a program, in tiles of BT
 SCAN_FWD = dict(BD=1, num_warps=4)  # its chunk size is the backward's T
 SCAN_BWD = dict(BD=4, T=32, num_warps=4)
 
