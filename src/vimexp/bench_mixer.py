@@ -13,7 +13,6 @@ import json
 import statistics
 
 import torch
-import triton
 
 from vimexp.bench import environment
 from vimexp.models.vim import VimMixer
@@ -81,46 +80,6 @@ def scan_kernel_alone(shape) -> dict:
             "updates_per_s_T": updates / ms / 1e9}
 
 
-CONV_BWD_CONFIGS = [dict(BE=be, BT=bt, SEG=256, num_warps=w) for be in (32, 64) for bt in (16, 32) for w in (2, 4)]
-
-
-def conv_backward_alone(shape) -> dict:
-    """The conv backward of training by itself, bf16 inputs: the one-kernel _conv_bwd_seq at each of
-    CONV_BWD_CONFIGS against the former two kernels (_conv_bwd_dpre writing d(pre-activation) in float32, then
-    _conv_bwd_dx reading it), and the largest gap between their dx (relative to dx's largest value)."""
-    batch, length, dim = shape
-    e, k = 2 * dim, 4
-    bl = batch * length
-    torch.manual_seed(0)
-    xz, dxc = torch.randn(bl, 2 * e, device="cuda", dtype=torch.bfloat16), torch.randn(2, bl, e, device="cuda",
-                                                                                       dtype=torch.bfloat16)
-    w, cb = torch.randn(2, e, k, device="cuda") * 0.3, torch.randn(2, e, device="cuda") * 0.3
-    f32 = dict(device="cuda", dtype=torch.float32)
-
-    def two_kernels():
-        dpre, dw, db, dxz = torch.empty(2, bl, e, **f32), torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32), \
-            torch.empty_like(xz)
-        grid = fm._conv_grid(batch, length, e)
-        fm._conv_bwd_dpre[grid](xz, w, cb, dxc, dpre, dw, db, length, 1, 2 * e, bl * e, 1, e, e, k, **fm.CONV_BLOCK)
-        fm._conv_bwd_dx[grid](w, dpre, dxz, length, bl * e, 1, e, 1, 2 * e, e, k, **fm.CONV_BLOCK)
-        return dxz
-
-    def one_kernel(cfg):
-        dw, db, dxz = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32), torch.empty_like(xz)
-        fm._conv_bwd_seq[(triton.cdiv(e, cfg["BE"]), batch, triton.cdiv(length, cfg["SEG"]))](
-            xz, w, cb, dxc, dxz, dw, db, length, bl, e, 2 * e, k, triton.next_power_of_2(k), **cfg)
-        return dxz
-
-    ref = two_kernels()[:, :e].float()
-    rows = []
-    for cfg in CONV_BWD_CONFIGS:
-        gap = ((one_kernel(cfg)[:, :e].float() - ref).abs().max() / ref.abs().max()).item()
-        rows.append({**cfg, "ms": time_ms(lambda: one_kernel(cfg)), "dx_gap": gap})
-    best = min(rows, key=lambda r: r["ms"])
-    return {"two_kernels_ms": time_ms(two_kernels), "one_kernel": rows, "best": best,
-            "current": dict(fm.CONV_BWD)}
-
-
 def sweep(shape, configs, table: dict, mode: str) -> list[dict]:
     rows = []
     for cfg in configs:
@@ -145,7 +104,7 @@ def main():
     record = {"environment": environment(torch.device("cuda")), "command": "python -m vimexp.bench_mixer "
               + ("--sweep " if args.sweep else "") + " ".join(f"--shapes {s}" for s in args.shapes),
               "shape": "(batch, tokens, d_model); E = 2 d_model channels, 16 states", "configs": {
-                  name: dict(getattr(fm, name)) for name in ("SEQ", "SEQ_LONG", "SEQ_BWD", "SCAN_BWD", "CONV_BLOCK", "CONV_BWD")},
+                  name: dict(getattr(fm, name)) for name in ("SEQ", "SEQ_LONG", "SEQ_BWD", "SCAN_BWD", "CONV_BLOCK")},
               "rows": []}
     for name in args.shapes:
         shape = SHAPES[name]
@@ -165,7 +124,6 @@ def main():
             torch.cuda.empty_cache()
         row["speedup"] = {m: row["cuda"][f"{m}_ms"] / row["fused"][f"{m}_ms"] for m in ("inference", "train")}
         row["fused_inference_scan"] = scan_kernel_alone(shape)
-        row["conv_backward"] = conv_backward_alone(shape)
         record["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("sweep")}), flush=True)
         if args.sweep:

@@ -143,52 +143,6 @@ def _conv_bwd_dx(W, DPRE, DX, L, OD, OE, OT, SE, ST, E, K: tl.constexpr, BE: tl.
     tl.store(DX + e[:, None] * SE + (b * L + t[None, :]) * ST, acc, mask=e_ok[:, None] & (t < L)[None, :])
 
 
-@triton.jit
-def _conv_bwd_seq(X, W, CB, DXC, DX, DW, DCB, L, BL, E, SX, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
-                  BT: tl.constexpr, SEG: tl.constexpr):
-    """The conv backward of both directions, channel-last, in one kernel: dx, dW and the bias gradient.
-    A program owns BE channels over SEG tokens of one sequence and walks them in tiles of BT tokens. dx_t needs each
-    direction's d(pre-activation) at the K tokens whose taps read x_t: they are recomputed from x here rather than
-    written out and read back. dW and the bias gradient add up in registers, one atomic add per program at the end.
-    x and dx rows have stride SX (they sit in xz and dxz); d(conv output) is DXC (2, batch*L, E)."""
-    e = tl.program_id(0) * BE + tl.arange(0, BE)
-    b = tl.program_id(1)
-    e_ok = e < E
-    col = tl.arange(0, 2 * KP)  # dW's accumulator columns: direction * KP + tap
-    dw = tl.zeros([BE, 2 * KP], tl.float32)
-    db = tl.zeros([BE, 2], tl.float32)
-    seg_end = tl.minimum(L, (tl.program_id(2) + 1) * SEG)
-    for t0 in range(tl.program_id(2) * SEG, seg_end, BT):
-        t = t0 + tl.arange(0, BT)
-        dx = tl.zeros([BE, BT], tl.float32)
-        for d in tl.static_range(2):
-            for k in tl.static_range(K):
-                s = _tap(t, k, 1 - d, K)  # the output token whose tap k reads x_t
-                if k == K - 1:  # s == t: the tile's own tokens, each counted once for dW and the bias
-                    s_ok = s < seg_end
-                else:
-                    s_ok = (s >= 0) & (s < L)
-                ok = e_ok[:, None] & s_ok[None, :]
-                pre = _conv_pre(X, W, CB, e, e_ok, b, s, L, 1, SX, E, d, K, BE, BT)
-                g = tl.load(DXC + (d * BL + b * L + s[None, :]) * E + e[:, None], mask=ok, other=0.0)
-                sig = tl.sigmoid(pre)
-                dpre = tl.where(ok, g.to(tl.float32) * sig * (1.0 + pre * (1.0 - sig)), 0.0)
-                dx += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * dpre
-                if k == K - 1:
-                    db += tl.where(tl.arange(0, 2)[None, :] == d, tl.sum(dpre, axis=1)[:, None], 0.0)
-                    for kw in tl.static_range(K):
-                        src = _tap(t, kw, d, K)
-                        xv = tl.load(X + (b * L + src[None, :]) * SX + e[:, None],
-                                     mask=e_ok[:, None] & ((src >= 0) & (src < L))[None, :], other=0.0)
-                        dw += tl.where(col[None, :] == d * KP + kw, tl.sum(dpre * xv.to(tl.float32), axis=1)[:, None],
-                                       0.0)
-        tl.store(DX + (b * L + t[None, :]) * SX + e[:, None], dx, mask=e_ok[:, None] & (t < seg_end)[None, :])
-    dk, kw = col // KP, col % KP
-    tl.atomic_add(DW + (dk[None, :] * E + e[:, None]) * K + kw[None, :], dw, mask=e_ok[:, None] & (kw < K)[None, :],
-                  sem="relaxed")
-    tl.atomic_add(DCB + tl.arange(0, 2)[None, :] * E + e[:, None], db, mask=e_ok[:, None], sem="relaxed")
-
-
 # ----------------------------------------------------------------------------------------------------- scan
 @triton.jit
 def _direction_params(A, D, DTB, d, e, e_ok, E, N: tl.constexpr):
@@ -397,12 +351,13 @@ def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.const
 
 
 @triton.jit
-def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, DZ, DAT, DD, DDTB, L, B, E, NC, CL,
+def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, DBC, DZ, DAT, DD, DDTB, L, B, E, NC, CL,
                   N: tl.constexpr, BD: tl.constexpr, PASS: tl.constexpr):
     """Backward of _scan_seq, same programs and (N, BD) layout. The adjoint g_t = C_t dy_t + decay_{t+1} g_{t+1}
     runs backwards in time and is carried between chunks as the states are: PASS 0 (several chunks only) writes
     each chunk's outgoing adjoint decay_first * g_first from a zero start; PASS 1 recomputes the chunk's states into
-    the HS scratch (2, batch*L, N, E), then walks back through the chunk with the adjoint carried in from the
+    the HS scratch (2, batch*L, N, E) and the state entering it into HIN (2, batch, NC, N, E), read back at its
+    first step rather than kept live in registers through the walk, then walks back through the chunk with the adjoint carried in from the
     chunks after it, writing du, d(dt), dB, dC, dz and summing dA (transposed, like AT), dD and d(bias)."""
     e = tl.program_id(0) * BD + tl.arange(0, BD)
     b = tl.program_id(1) // NC
@@ -416,10 +371,13 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, D
     sgn = 1 - 2 * d
     steps = tl.minimum(CL, L - c * CL)
     first = b * L + d * (L - 1) + sgn * c * CL  # the chunk's first token in scan order
-    hs_ptr = HS + (d * BL * N + n[:, None]) * E + e[None, :]  # + row * N * E
+    # + row * N * E; at most 4 channels a vector, so Triton lays (N, BD) as 2 lanes x 16 along N x BD (4 channels
+    # and 8 states a lane): fewer lanes repeat the per-channel work than with 16-byte vectors (8 x 4 lanes)
+    hs_ptr = HS + tl.max_contiguous((d * BL * N + n[:, None]) * E + e[None, :], [1, 4])
     if PASS == 1:
-        h_in = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)
-        h = h_in  # then every state of the chunk, into HS
+        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)  # then every state of the chunk, into HS
+        hin_ptr = HIN + (((d * B + b) * NC + c) * N + n[:, None]) * E + e[None, :]
+        tl.store(hin_ptr, h, mask=e_ok[None, :] & (c > 0))
         for i in tl.range(0, steps, num_stages=3):
             row = first + sgn * i
             u = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32)
@@ -461,12 +419,12 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, DU, DDT, DBC, D
             if i > 0:
                 h_prev = tl.load(hs_ptr + (row - sgn) * N * E, mask=e_ok[None, :], other=0.0).to(tl.float32)
             else:
-                h_prev = h_in
+                h_prev = tl.load(hin_ptr, mask=e_ok[None, :] & (c > 0), other=0.0)
             y = tl.sum(h * Cv[:, None], axis=0) + Dd * u
             tl.atomic_add(DZ + row * E + e, dy2 * y * zsig * (1.0 + z * (1.0 - zsig)), mask=e_ok, sem="relaxed")
             dh_dlog = g * decay * h_prev  # d loss / d(delta A) at this step
             gB = tl.sum(g * Bv[:, None], axis=0)
-            ddelta = tl.sum(dh_dlog * A_, axis=0) + gB * u
+            ddelta = tl.sum(dh_dlog * A2, axis=0) * 0.6931471805599453 + gB * u  # A = A2 ln 2: A itself not kept live
             dA_acc += dh_dlog * delta[None, :]
             tl.store(DU + (d * BL + row) * E + e, gB * delta + Dd * dy, mask=e_ok)
             dD_acc += dy * u
@@ -554,18 +512,21 @@ class SeqMixerFn(torch.autograd.Function):
         cfg, cl, nc, grid = _seq_launch(batch, length, e, backward=True)
         hs = torch.empty(2, bl, n, e, device=xz.device, dtype=torch.float32 if dtype == torch.float32 else dtype)
         gq = torch.empty(2, batch, nc, n, e, **f32)
+        hin = torch.empty(2, batch, nc, n, e, **f32) if nc > 1 else gq  # (one chunk: its entering state is zero)
         for p in (0, 1) if nc > 1 else (1,):
-            _scan_seq_bwd[grid](xc, bc, dt, xz[:, e:], at, D, dt_bias, dy2.contiguous(), hc, sc, gq, hs, du, ddt,
+            _scan_seq_bwd[grid](xc, bc, dt, xz[:, e:], at, D, dt_bias, dy2.contiguous(), hc, sc, gq, hs, hin, du, ddt,
                                 dbc, dz, dat, dD, ddt_bias, length, batch, e, nc, cl, n, PASS=p, **cfg)
         dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.to(dtype)], dim=2)  # (2, batch*L, R + 2N)
         d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])
         d_x_proj_w = torch.bmm(dx_dbl.transpose(1, 2), xc)
         dxc = torch.baddbmm(du, dx_dbl, x_proj_w.to(dtype))
+        dpre = torch.empty(2, bl, e, **f32)
         dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
         dxz = torch.empty_like(xz)
-        seg = CONV_BWD["SEG"]
-        _conv_bwd_seq[(triton.cdiv(e, CONV_BWD["BE"]), batch, triton.cdiv(length, seg))](
-            xz, conv_w, conv_b, dxc, dxz, dconv_w, dconv_b, length, bl, e, e2, k, triton.next_power_of_2(k), **CONV_BWD)
+        grid = _conv_grid(batch, length, e)
+        _conv_bwd_dpre[grid](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, 1, e2, bl * e, 1, e, e, k,
+                             **CONV_BLOCK)
+        _conv_bwd_dx[grid](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **CONV_BLOCK)
         dxz[:, e:] = dz
         return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
                 d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2), dD, ddt_bias)
@@ -583,7 +544,6 @@ def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_
 
 # ------------------------------------------------------------------------------------------------ autograd
 CONV_BLOCK = dict(BE=32, BT=64)
-CONV_BWD = dict(BE=32, BT=32, SEG=256, num_warps=4)  # _conv_bwd_seq: SEG tokens a program, in tiles of BT
 SCAN_FWD = dict(BD=1, num_warps=4)  # its chunk size is the backward's T
 SCAN_BWD = dict(BD=4, T=32, num_warps=4)
 
