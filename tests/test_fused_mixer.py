@@ -22,6 +22,7 @@ TOL = 1e-4  # float32 kernels against a float64 reference
 @pytest.fixture
 def small_blocks(monkeypatch):
     for table, values in ((fused_mixer.SCAN_BWD, dict(T=8, BD=2)), (fused_mixer.CONV_BLOCK, dict(BE=8, BT=16)),
+                          (fused_mixer.CONV_DPRE, dict(BE=8, BT=4, SEG=8)),
                           (fused_mixer.SEQ, dict(BD=8, CL=5)), (fused_mixer.SEQ_LONG, dict(BD=4, CL=5)),
                           (fused_mixer.SEQ_BWD, dict(BD=4))):
         for key, value in values.items():

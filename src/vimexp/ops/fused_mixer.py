@@ -97,30 +97,38 @@ def _conv_fwd(X, W, CB, XC, L, SE, ST, OD, OE, OT, E, K: tl.constexpr, BE: tl.co
 
 
 @triton.jit
-def _conv_bwd_dpre(X, W, CB, DXC, DPRE, DW, DCB, L, SE, ST, OD, OE, OT, E, K: tl.constexpr, BE: tl.constexpr,
-                   BT: tl.constexpr):
-    """d(pre-activation) of both convs, and their weight and bias gradients (summed here over this tile).
-    x as in _conv_pre; d(output) and d(pre) at DXC/DPRE + d*OD + e*OE + token*OT."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+def _conv_bwd_dpre(X, W, CB, DXC, DPRE, DW, DCB, L, SE, ST, OD, OE, OT, E, K: tl.constexpr, KP: tl.constexpr,
+                   BE: tl.constexpr, BT: tl.constexpr, SEG: tl.constexpr):
+    """d(pre-activation) of both convs, and their weight and bias gradients. x as in _conv_pre; d(output) and d(pre)
+    at DXC/DPRE + d*OD + e*OE + token*OT. A program covers SEG tokens of one sequence in tiles of BT and keeps the
+    gradients' products elementwise in registers: it reduces them and adds them to DW and DCB once at its end, not
+    once a tile."""
+    seg = tl.program_id(0) * SEG
     b = tl.program_id(1)
     e = tl.program_id(2) * BE + tl.arange(0, BE)
     e_ok = e < E
-    ok = e_ok[:, None] & (t < L)[None, :]
+    kk = tl.arange(0, KP)
+    end = tl.minimum(L, seg + SEG)
     for d in tl.static_range(2):
-        pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, SE, ST, E, d, K, BE, BT)
-        sig = tl.sigmoid(pre)
-        off = d * OD + e[:, None] * OE + (b * L + t[None, :]) * OT
-        dpre = tl.load(DXC + off, mask=ok, other=0.0).to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
-        tl.store(DPRE + off, dpre, mask=ok)
-        tl.atomic_add(DCB + d * E + e, tl.sum(dpre, axis=1), mask=e_ok)
-        for k in tl.static_range(K):
-            if d == 0:
-                src = t - (K - 1) + k
-            else:
-                src = t + (K - 1) - k
-            xok = e_ok[:, None] & ((src >= 0) & (src < L))[None, :]
-            xv = tl.load(X + e[:, None] * SE + (b * L + src[None, :]) * ST, mask=xok, other=0.0).to(tl.float32)
-            tl.atomic_add(DW + (d * E + e) * K + k, tl.sum(dpre * xv, axis=1), mask=e_ok)
+        dw = tl.zeros([KP, BE, BT], tl.float32)
+        db = tl.zeros([BE, BT], tl.float32)
+        for t0 in range(seg, end, BT):
+            t = t0 + tl.arange(0, BT)
+            ok = e_ok[:, None] & (t < end)[None, :]
+            pre = _conv_pre(X, W, CB, e, e_ok, b, t, L, SE, ST, E, d, K, BE, BT)
+            sig = tl.sigmoid(pre)
+            off = d * OD + e[:, None] * OE + (b * L + t[None, :]) * OT
+            dpre = tl.load(DXC + off, mask=ok, other=0.0).to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
+            dpre = tl.where(ok, dpre, 0.0)
+            tl.store(DPRE + off, dpre, mask=ok)
+            db += dpre
+            src = _tap(t[None, None, :], kk[:, None, None], d, K)  # (KP, 1, BT): the token each tap read
+            xok = (kk < K)[:, None, None] & e_ok[None, :, None] & ((src >= 0) & (src < L))
+            xv = tl.load(X + e[None, :, None] * SE + (b * L + src) * ST, mask=xok, other=0.0)
+            dw += dpre[None, :, :] * xv.to(tl.float32)
+        tl.atomic_add(DCB + d * E + e, tl.sum(db, axis=1), mask=e_ok, sem="relaxed")
+        tl.atomic_add(DW + (d * E + e[None, :]) * K + kk[:, None], tl.sum(dw, axis=2),
+                      mask=(kk < K)[:, None] & e_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -386,14 +394,15 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
             h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * u)[None, :]
             tl.store(hs_ptr + row * N * E, h, mask=e_ok[None, :])
         tl.debug_barrier()
-        g = tl.zeros([N, BD], tl.float32)  # the adjoint arriving from the chunks after this one
+        gp = tl.zeros([N, BD], tl.float32)  # the adjoint arriving from the chunks after this one
         for k in range(NC - 1, c, -1):
             base = ((d * B + b) * NC + k) * E
             decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
-            g = tl.load(GQ + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0) + decay * g
+            gp = tl.load(GQ + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0) + decay * gp
     else:
-        g = tl.zeros([N, BD], tl.float32)
-    decay_next = tl.full([N, BD], 1.0, tl.float32)
+        gp = tl.zeros([N, BD], tl.float32)
+    # The walk carries gp = decay_t g_t, what step t hands to step t-1: g_t = C_t dy_t + gp_{t+1}. Carrying g and
+    # the next step's decay instead would hold one more (N, BD) tile live and cost one more multiply a state.
     dA_acc = tl.zeros([N, BD], tl.float32)
     dD_acc = tl.zeros([BD], tl.float32)
     dbias_acc = tl.zeros([BD], tl.float32)
@@ -412,9 +421,8 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
         zsig = tl.sigmoid(z)
         dy2 = tl.load(DY2 + row * 2 * E + d * E + e, mask=e_ok, other=0.0).to(tl.float32)
         dy = dy2 * z * zsig
-        decay = tl.exp2(delta[None, :] * A2)
-        g = Cv[:, None] * dy[None, :] + decay_next * g
-        decay_next = decay
+        g = Cv[:, None] * dy[None, :] + gp
+        gp = tl.exp2(delta[None, :] * A2) * g
         if PASS == 1:
             if i > 0:
                 h_prev = tl.load(hs_ptr + (row - sgn) * N * E, mask=e_ok[None, :], other=0.0).to(tl.float32)
@@ -422,7 +430,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
                 h_prev = tl.load(hin_ptr, mask=e_ok[None, :] & (c > 0), other=0.0)
             y = tl.sum(h * Cv[:, None], axis=0) + Dd * u
             tl.atomic_add(DZ + row * E + e, dy2 * y * zsig * (1.0 + z * (1.0 - zsig)), mask=e_ok, sem="relaxed")
-            dh_dlog = g * decay * h_prev  # d loss / d(delta A) at this step
+            dh_dlog = gp * h_prev  # d loss / d(delta A) at this step
             gB = tl.sum(g * Bv[:, None], axis=0)
             ddelta = tl.sum(dh_dlog * A2, axis=0) * 0.6931471805599453 + gB * u  # A = A2 ln 2: A itself not kept live
             dA_acc += dh_dlog * delta[None, :]
@@ -436,7 +444,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
             h = h_prev
     if PASS == 0:  # what this chunk sends to the one before it: decay at its first step times g there
         base = ((d * B + b) * NC + c) * E
-        tl.store(GQ + base * N + n[:, None] * E + e[None, :], decay_next * g, mask=e_ok[None, :])
+        tl.store(GQ + base * N + n[:, None] * E + e[None, :], gp, mask=e_ok[None, :])
     else:
         tl.atomic_add(DAT + a_off, dA_acc, mask=e_ok[None, :], sem="relaxed")
         tl.atomic_add(DD + d * E + e, dD_acc, mask=e_ok, sem="relaxed")
@@ -523,10 +531,9 @@ class SeqMixerFn(torch.autograd.Function):
         dpre = torch.empty(2, bl, e, **f32)
         dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
         dxz = torch.empty_like(xz)
-        grid = _conv_grid(batch, length, e)
-        _conv_bwd_dpre[grid](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, 1, e2, bl * e, 1, e, e, k,
-                             **CONV_BLOCK)
-        _conv_bwd_dx[grid](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **CONV_BLOCK)
+        _conv_bwd_dpre[_dpre_grid(batch, length, e)](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, 1, e2,
+                                                     bl * e, 1, e, e, k, triton.next_power_of_2(k), **CONV_DPRE)
+        _conv_bwd_dx[_conv_grid(batch, length, e)](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **CONV_BLOCK)
         dxz[:, e:] = dz
         return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
                 d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2), dD, ddt_bias)
@@ -544,12 +551,17 @@ def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_
 
 # ------------------------------------------------------------------------------------------------ autograd
 CONV_BLOCK = dict(BE=32, BT=64)
+CONV_DPRE = dict(BE=32, BT=16, SEG=256, num_warps=4)  # _conv_bwd_dpre: SEG tokens a program, in tiles of BT
 SCAN_FWD = dict(BD=1, num_warps=4)  # its chunk size is the backward's T
 SCAN_BWD = dict(BD=4, T=32, num_warps=4)
 
 
 def _conv_grid(batch, length, e):
     return triton.cdiv(length, CONV_BLOCK["BT"]), batch, triton.cdiv(e, CONV_BLOCK["BE"])
+
+
+def _dpre_grid(batch, length, e):
+    return triton.cdiv(length, CONV_DPRE["SEG"]), batch, triton.cdiv(e, CONV_DPRE["BE"])
 
 
 def conv_forward(xz, conv_w, conv_b, batch, channel_last=False):
@@ -605,10 +617,9 @@ class FusedBiMixerFn(torch.autograd.Function):
         dxc = torch.baddbmm(du, x_proj_w.to(dtype).transpose(1, 2), dx_dbl)
         dpre = torch.empty(2, e, bl, **f32)
         dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
-        grid = _conv_grid(batch, length, e)
-        _conv_bwd_dpre[grid](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, bl, 1, e * bl, bl, 1, e, k,
-                             **CONV_BLOCK)
-        _conv_bwd_dx[grid](conv_w, dpre, dxz, length, e * bl, bl, 1, bl, 1, e, k, **CONV_BLOCK)
+        _conv_bwd_dpre[_dpre_grid(batch, length, e)](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, bl, 1,
+                                                     e * bl, bl, 1, e, k, triton.next_power_of_2(k), **CONV_DPRE)
+        _conv_bwd_dx[_conv_grid(batch, length, e)](conv_w, dpre, dxz, length, e * bl, bl, 1, bl, 1, e, k, **CONV_BLOCK)
         return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
                 d_dt_proj_w.to(dt_proj_w.dtype), dA, dD, ddt_bias)
 
