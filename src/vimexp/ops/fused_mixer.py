@@ -280,16 +280,15 @@ def _scan_bwd(U, XDBL, DT, Z, A, D, DTB, DOUT, STATES, DU, DDT, DBC, DZ, DA, DD,
 
 # ------------------------------------------------------------------------------------------ inference (no grad)
 @triton.jit
-def _seq_params(AT, D, DTB, d, e, e_ok, E, N: tl.constexpr, VEC: tl.constexpr):
-    """Offsets and values of direction d's A (N, BD), from the transposed (2, N, E) stack, and its D and dt bias.
-    A is loaded VEC channels a vector (see _scan_seq)."""
-    a_off = tl.max_contiguous((d * N + tl.arange(0, N)[:, None]) * E + e[None, :], [1, VEC])
+def _seq_params(AT, D, DTB, d, e, e_ok, E, N: tl.constexpr):
+    """Offsets and values of direction d's A (N, BD), from the transposed (2, N, E) stack, and its D and dt bias."""
+    a_off = (d * N + tl.arange(0, N)[:, None]) * E + e[None, :]
     return (a_off, tl.load(AT + a_off, mask=e_ok[None, :], other=0.0), tl.load(D + d * E + e, mask=e_ok, other=0.0),
             tl.load(DTB + d * E + e, mask=e_ok, other=0.0))
 
 
 @triton.jit
-def _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr):
+def _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N: tl.constexpr, BD: tl.constexpr):
     """The (N, BD) state entering chunk c: PASS 0's end states of the chunks before it in scan order, each carried
     through the decays (summed deltas) of the chunks after it."""
     n = tl.arange(0, N)
@@ -297,14 +296,13 @@ def _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N: tl.constexpr, BD:
     for cp in range(c):
         base = ((d * B + b) * NC + cp) * E
         decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
-        h = decay * h + tl.load(HC + tl.max_contiguous(base * N + n[:, None] * E + e[None, :], [1, VEC]),
-                                mask=e_ok[None, :], other=0.0)
+        h = decay * h + tl.load(HC + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0)
     return h
 
 
 @triton.jit
 def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.constexpr, BD: tl.constexpr,
-              PASS: tl.constexpr, VEC: tl.constexpr):
+              PASS: tl.constexpr):
     """Channel-last, one step at a time: a program owns (channel block, batch, chunk of CL steps, direction) and
     keeps its (N, BD) states in registers. PASS 0 writes each chunk's end state from a zero start and its summed
     delta; PASS 1 carries the state in from the chunks before, then writes SiLU(z) y_d to Y2 (batch*L, 2, E).
@@ -320,10 +318,10 @@ def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.const
     e_ok = e < E
     n = tl.arange(0, N)
     BL = B * L
-    _, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N, VEC)
+    _, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N)
     A2 = A_ * 1.4426950408889634  # exp(x A) = exp2(x A log2(e))
     if PASS == 1:
-        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD, VEC)
+        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)
     else:
         h = tl.zeros([N, BD], tl.float32)
     sgn = 1 - 2 * d
@@ -357,7 +355,7 @@ def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.const
     if PASS == 0:
         base = ((d * B + b) * NC + c) * E
         tl.store(SC + base + e, sum_delta, mask=e_ok)
-        tl.store(HC + tl.max_contiguous(base * N + n[:, None] * E + e[None, :], [1, VEC]), h, mask=e_ok[None, :])
+        tl.store(HC + base * N + n[:, None] * E + e[None, :], h, mask=e_ok[None, :])
 
 
 @triton.jit
@@ -376,7 +374,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     e_ok = e < E
     n = tl.arange(0, N)
     BL = B * L
-    a_off, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N, 4)
+    a_off, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N)
     A2 = A_ * 1.4426950408889634
     sgn = 1 - 2 * d
     steps = tl.minimum(CL, L - c * CL)
@@ -385,7 +383,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     # and 8 states a lane): fewer lanes repeat the per-channel work than with 16-byte vectors (8 x 4 lanes)
     hs_ptr = HS + tl.max_contiguous((d * BL * N + n[:, None]) * E + e[None, :], [1, 4])
     if PASS == 1:
-        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD, 4)  # then every state of the chunk, into HS
+        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)  # then every state of the chunk, into HS
         hin_ptr = HIN + (((d * B + b) * NC + c) * N + n[:, None]) * E + e[None, :]
         tl.store(hin_ptr, h, mask=e_ok[None, :] & (c > 0))
         for i in tl.range(0, steps, num_stages=3):
@@ -460,14 +458,6 @@ SEQ_BWD = dict(BD=64, num_warps=1)  # _scan_seq_bwd (chunks as the forward's); i
 TRAIN_PATH = "seq"  # the training kernels: "seq" (SeqMixerFn, channel-last) or "assoc" (FusedBiMixerFn)
 
 
-def seq_vec(cfg):
-    """Channels a vector for the forward scan's (N, BD) loads. Triton lays the tiles out from them: VEC channels a
-    lane, the warp's lanes across BD / VEC channel groups first. BD / (32 warps) fills the lanes with channels, so a
-    lane holds whole channels (all N states: no shuffles for the sum over states, no per-channel work repeated);
-    at least 2, as with 1 Triton lays the lanes along the states instead (sm_90 SASS, Triton 3.6)."""
-    return max(2, cfg["BD"] // (32 * cfg["num_warps"]))
-
-
 def seq_config(length):
     return SEQ if length <= SEQ["CL"] else SEQ_LONG
 
@@ -494,8 +484,7 @@ def scan_seq(xc, bc, dt, z, A, D, dt_bias, batch):
     sc = torch.empty(2, batch, nc, e, device=xc.device, dtype=torch.float32)
     at = A.transpose(1, 2).contiguous()
     for p in (0, 1) if nc > 1 else (1,):
-        _scan_seq[grid](xc, bc, dt, z, at, D, dt_bias, y2, hc, sc, length, batch, e, nc, cl, n, PASS=p,
-                        VEC=seq_vec(cfg), **cfg)
+        _scan_seq[grid](xc, bc, dt, z, at, D, dt_bias, y2, hc, sc, length, batch, e, nc, cl, n, PASS=p, **cfg)
     return y2, hc, sc
 
 
