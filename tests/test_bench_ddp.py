@@ -8,16 +8,17 @@ from vimexp.bench_ddp import initial_weights, model_weights, weight_gap
 
 def test_initial_weights_are_where_training_starts(tiny_data, tmp_path):
     # lr 0 and no weight decay: AdamW leaves the weights where they started, so last.ckpt holds the start
-    overrides = [*data_overrides(tiny_data), *TINY_RUN, "logger=csv", "trainer.accelerator=cpu", "trainer.max_epochs=1",
-                 "optimizer.lr=0", "optimizer.weight_decay=0", "++trainer.limit_train_batches=2",
-                 "++trainer.limit_val_batches=1"]
+    overrides = [*data_overrides(tiny_data), *TINY_RUN, "logger=csv", "trainer.accelerator=cpu",
+                 "trainer.max_epochs=1", "optimizer.lr=0", "optimizer.weight_decay=0",
+                 "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1"]
     run = run_cli("train", *overrides, "seed=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     trained, step = model_weights(tmp_path / "run")
     start = initial_weights(overrides, seed=3)
     assert step == 2 and trained.keys() == start.keys()
     assert all(torch.equal(trained[k], start[k]) for k in start)
-    assert weight_gap(trained, initial_weights(overrides, seed=4))["rel_to_weights"] > 0.1  # another seed, other weights
+    other_seed = initial_weights(overrides, seed=4)
+    assert weight_gap(trained, other_seed)["rel_to_weights"] > 0.1
 
 
 def test_weight_gap_relative_to_weights_and_to_the_update():

@@ -38,7 +38,8 @@ def train(run_dir: Path, overrides: list[str], gpus: str) -> subprocess.Popen:
     log = open(run_dir / "stdout.log", "w")
     command = [sys.executable, "-m", "vimexp.train", *overrides, f"hydra.run.dir={run_dir}"]
     print(f"[{time.strftime('%H:%M:%S')}] GPU {gpus}: {' '.join(command[3:])}", flush=True)
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus})
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus})
 
 
 def wait(*runs: subprocess.Popen):
@@ -102,10 +103,12 @@ def equivalence(out: Path, n: int, batch: int, epochs: int, extra: list[str]) ->
                ",".join(map(str, range(n)))))
     runs = {name: result(out / name) for name in ("eq_1gpu", f"eq_{n}gpu", "eq_1gpu_again", "eq_1gpu_seed1")}
     init = initial_weights(common, seed=0)
-    (one, steps), (many, steps_n), (again, _) = (model_weights(out / d) for d in ("eq_1gpu", f"eq_{n}gpu", "eq_1gpu_again"))
+    (one, steps), (many, steps_n), (again, _) = (model_weights(out / d)
+                                                 for d in ("eq_1gpu", f"eq_{n}gpu", "eq_1gpu_again"))
     assert steps == steps_n, (steps, steps_n)
     return {"global_batch": batch, "epochs": epochs, "steps": steps, "runs": runs,
-            f"weights_1gpu_vs_{n}gpu": weight_gap(one, many, init), "weights_1gpu_vs_1gpu_again": weight_gap(one, again, init),
+            f"weights_1gpu_vs_{n}gpu": weight_gap(one, many, init),
+            "weights_1gpu_vs_1gpu_again": weight_gap(one, again, init),
             "val_acc1_gap_1gpu_vs_ngpu": round(runs[f"eq_{n}gpu"]["val_acc1"] - runs["eq_1gpu"]["val_acc1"], 2),
             "val_acc1_gap_seed0_vs_seed1": round(runs["eq_1gpu_seed1"]["val_acc1"] - runs["eq_1gpu"]["val_acc1"], 2)}
 
@@ -113,9 +116,9 @@ def equivalence(out: Path, n: int, batch: int, epochs: int, extra: list[str]) ->
 def multirun(out: Path, n: int, extra: list[str]) -> dict:
     root = out / "multirun"
     base = [o for o in BASE if not o.startswith("logger=")]  # W&B (offline) beside the CSV logs
-    command = [sys.executable, "-m", "vimexp.train", "-m", *base, "trainer=ddp", f"trainer.devices={n}", "logger=default",
-               "trainer.max_epochs=1", "+trainer.limit_train_batches=20", "+trainer.limit_val_batches=4", "seed=1,2",
-               "data.batch_size=128", *extra]
+    command = [sys.executable, "-m", "vimexp.train", "-m", *base, "trainer=ddp", f"trainer.devices={n}",
+               "logger=default", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
+               "+trainer.limit_val_batches=4", "seed=1,2", "data.batch_size=128", *extra]
     run = subprocess.run(command, cwd=out, env={**os.environ, "VIMEXP_ROOT": str(root), "WANDB_MODE": "offline",
                                                  "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))},
                          capture_output=True, text=True)

@@ -104,7 +104,8 @@ def main():
     record = {"environment": environment(torch.device("cuda")), "command": "python -m vimexp.bench_mixer "
               + ("--sweep " if args.sweep else "") + " ".join(f"--shapes {s}" for s in args.shapes),
               "shape": "(batch, tokens, d_model); E = 2 d_model channels, 16 states", "configs": {
-                  name: dict(getattr(fm, name)) for name in ("SEQ", "SEQ_LONG", "SEQ_BWD", "SCAN_BWD", "CONV_BLOCK", "CONV_DPRE")},
+                  name: dict(getattr(fm, name))
+                  for name in ("SEQ", "SEQ_LONG", "SEQ_BWD", "SCAN_BWD", "CONV_BLOCK", "CONV_DPRE")},
               "rows": []}
     for name in args.shapes:
         shape = SHAPES[name]

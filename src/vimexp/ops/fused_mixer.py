@@ -24,9 +24,9 @@ Training where TRAIN_PATH == "assoc", `FusedBiMixerFn`, channel-major (channels,
   reverse associative scan, every gradient of the chunk at once; dB and dC are summed over the channel block in
   registers before the atomic adds;
 - `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is recomputed, not kept).
-Every kernel computes in float32 whatever the activation dtype. What each design gained on the H100, and what it
-was predicted to: experiments/results/fused_scan/NOTES.md (H100, bf16: Vim-S training 1.67x the mamba-ssm path,
-Vim-Ti inference at 1248 px 1.44x; the associative-scan training kernels 0.4x).
+Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
+to: experiments/results/fused_scan/NOTES.md (H200, bf16: Vim-S training 2.11x the mamba-ssm path, Vim-Ti inference
+at 1248 px 1.42x; the associative-scan training kernels 0.4x).
 """
 import torch
 import torch.nn.functional as F
@@ -365,8 +365,10 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     runs backwards in time and is carried between chunks as the states are: PASS 0 (several chunks only) writes
     each chunk's outgoing adjoint decay_first * g_first from a zero start; PASS 1 recomputes the chunk's states into
     the HS scratch (2, batch*L, N, E) and the state entering it into HIN (2, batch, NC, N, E), read back at its
-    first step rather than kept live in registers through the walk, then walks back through the chunk with the adjoint carried in from the
-    chunks after it, writing du, d(dt), dB, dC, dz and summing dA (transposed, like AT), dD and d(bias)."""
+    first step rather than kept live in registers through the walk, then walks back through the chunk with the
+    adjoint carried in from the chunks after it, writing du, d(dt), dB, dC, dz and summing dA (transposed, like AT),
+    dD and d(bias). HS is read 4 channels a vector, so Triton lays each (N, BD) tile as 2 x 16 lanes: a lane holds 4
+    channels and 8 states, and the per-channel work repeats on 2 lanes rather than on 4 (16-byte vectors: 4 x 8)."""
     e = tl.program_id(0) * BD + tl.arange(0, BD)
     b = tl.program_id(1) // NC
     c = tl.program_id(1) % NC
@@ -379,9 +381,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     sgn = 1 - 2 * d
     steps = tl.minimum(CL, L - c * CL)
     first = b * L + d * (L - 1) + sgn * c * CL  # the chunk's first token in scan order
-    # + row * N * E; at most 4 channels a vector, so Triton lays (N, BD) as 2 lanes x 16 along N x BD (4 channels
-    # and 8 states a lane): fewer lanes repeat the per-channel work than with 16-byte vectors (8 x 4 lanes)
-    hs_ptr = HS + tl.max_contiguous((d * BL * N + n[:, None]) * E + e[None, :], [1, 4])
+    hs_ptr = HS + tl.max_contiguous((d * BL * N + n[:, None]) * E + e[None, :], [1, 4])  # + row * N * E
     if PASS == 1:
         h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)  # then every state of the chunk, into HS
         hin_ptr = HIN + (((d * B + b) * NC + c) * N + n[:, None]) * E + e[None, :]
@@ -451,10 +451,10 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
         tl.atomic_add(DDTB + d * E + e, dbias_acc, mask=e_ok, sem="relaxed")
 
 
-# Blocks of the channel-last kernels, by H100 sweeps (bench_mixer --sweep): channels a program, tokens a chunk
+# Blocks of the channel-last kernels, by H100 and H200 sweeps (bench_mixer): channels a program, tokens a chunk
 SEQ = dict(BD=64, CL=256, num_warps=1)  # sequences of one chunk
 SEQ_LONG = dict(BD=32, CL=256, num_warps=1)  # longer ones (two passes): more, smaller programs ran 8% faster
-SEQ_BWD = dict(BD=64, num_warps=1)  # _scan_seq_bwd (chunks as the forward's); it spills a little, still 4-7% faster
+SEQ_BWD = dict(BD=64, num_warps=1)  # _scan_seq_bwd (chunks as the forward's): 8-33% faster than 32 (H200 sweeps)
 TRAIN_PATH = "seq"  # the training kernels: "seq" (SeqMixerFn, channel-last) or "assoc" (FusedBiMixerFn)
 
 
