@@ -105,7 +105,7 @@ def main():
               + ("--sweep " if args.sweep else "") + " ".join(f"--shapes {s}" for s in args.shapes),
               "shape": "(batch, tokens, d_model); E = 2 d_model channels, 16 states", "configs": {
                   name: dict(getattr(fm, name))
-                  for name in ("SEQ", "SEQ_LONG", "SEQ_BWD", "SCAN_BWD", "CONV_BLOCK", "CONV_DPRE")},
+                  for name in ("SEQ", "SEQ_LONG", "SEQ_BWD", "CONV_BLOCK", "CONV_DPRE")},
               "rows": []}
     for name in args.shapes:
         shape = SHAPES[name]
@@ -117,11 +117,6 @@ def main():
         for kernel in ("cuda", "fused"):
             infer, train = mixer_steps(kernel, shape)
             row[kernel] = {"inference_ms": time_ms(infer), "train_ms": time_ms(train)}
-            torch.cuda.empty_cache()
-        for path in ("assoc", "seq"):  # the fused training kernels, both designs
-            saved, fm.TRAIN_PATH = fm.TRAIN_PATH, path
-            row["fused"][f"train_ms_{path}"] = time_ms(mixer_steps("fused", shape)[1])
-            fm.TRAIN_PATH = saved
             torch.cuda.empty_cache()
         row["speedup"] = {m: row["cuda"][f"{m}_ms"] / row["fused"][f"{m}_ms"] for m in ("inference", "train")}
         row["fused_inference_scan"] = scan_kernel_alone(shape)

@@ -111,14 +111,10 @@ class VimMixer(nn.Module):
                 pair(self.dt_proj.weight, self.dt_proj_b.weight), -torch.exp(pair(self.A_log, self.A_b_log).float()),
                 pair(self.D, self.D_b).float(), pair(self.dt_proj.bias, self.dt_proj_b.bias).float())
         weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
-        if not torch.is_grad_enabled() or fused_mixer.TRAIN_PATH == "seq":
-            if torch.is_autocast_enabled(hidden.device.type):
-                hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-            return fused_mixer.bimixer_channel_last(hidden.reshape(-1, dim), batch, self.in_proj.weight, *args,
-                                                    weight).view(batch, seqlen, -1)
-        xz = self.in_proj.weight @ hidden.reshape(-1, dim).t()  # (2E, batch*L), tokens innermost
-        out = fused_mixer.fused_bimixer(xz, batch, *args)
-        return F.linear(out.t(), weight).view(batch, seqlen, -1)
+        if torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+        return fused_mixer.bimixer_channel_last(hidden.reshape(-1, dim), batch, self.in_proj.weight, *args,
+                                                weight).view(batch, seqlen, -1)
 
     def forward(self, hidden):
         if self.bimamba == "v2" and (self.kernel == "fused" or

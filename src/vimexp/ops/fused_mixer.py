@@ -7,37 +7,25 @@
 Nothing is ever flipped: the backward direction reads its tokens from the end and its conv is the mirror-image
 (anti-causal) filter. The projections between the kernels are plain GEMMs in whichever layout the kernels use.
 
-Channel-last (batch*L, channels), `bimixer_channel_last` / `SeqMixerFn`: inference, and training where
-TRAIN_PATH == "seq":
+Everything runs channel-last, (batch*L, channels): `bimixer_channel_last` / `SeqMixerFn`, in inference and training:
 - `_conv_fwd`: both convs + SiLU from one read of x;
 - `_scan_seq`: a program owns a block of channels of one direction and a chunk of tokens, keeps the (channels x N)
   states in registers and steps through its tokens one at a time, loading the next token's inputs before this one's
   arithmetic. Long sequences run in two passes (chunk end states, then the outputs from the carried-in state);
   each direction writes SiLU(z) y_d beside the other, and out_proj adds the two in its GEMM;
 - `_scan_seq_bwd`: the same programs backwards in time: the chunk's states recomputed into a scratch buffer, then
-  the adjoint walked back, carried between chunks as the states are (a first pass of chunk aggregates).
-Training where TRAIN_PATH == "assoc", `FusedBiMixerFn`, channel-major (channels, batch*L), in_proj's weight in front:
-- `_scan_fwd`: one program per (batch, channel block) runs direction 0 then direction 1 over chunks of T tokens
-  (an associative scan within a chunk, the state carried between chunks), adds the two directions and gates in
-  place, and checkpoints the state at each chunk start;
-- `_scan_bwd`: each chunk backwards in time, its states recomputed from the checkpoint, the adjoint state as a
-  reverse associative scan, every gradient of the chunk at once; dB and dC are summed over the channel block in
-  registers before the atomic adds;
+  the adjoint walked back, carried between chunks as the states are (a first pass of chunk aggregates);
 - `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is recomputed, not kept).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
 to: experiments/results/fused_scan/NOTES.md (H200, bf16: Vim-S training 2.11x the mamba-ssm path, Vim-Ti inference
-at 1248 px 1.42x; the associative-scan training kernels 0.4x).
+at 1248 px 1.42x). The first training design, associative scans over channel-major tiles, ran at 0.4x and was
+deleted after 603f838; NOTES.md keeps its measurements.
 """
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
-
-
-@triton.jit
-def _linear_combine(a1, b1, a2, b2):  # (a1, b1) then (a2, b2) of h -> a h + b
-    return a1 * a2, b1 * a2 + b2
 
 
 @triton.jit
@@ -48,15 +36,6 @@ def _softplus(x):
     u = 1.0 + y
     exact = u == 1.0
     return tl.where(x > 20.0, x, tl.where(exact, y, tl.log(u) * (y / tl.where(exact, 1.0, u - 1.0))))
-
-
-@triton.jit
-def _token(s, L, d: tl.constexpr):
-    """Token index of scan step s: direction 0 walks forwards, direction 1 from the end."""
-    if d == 0:
-        return s
-    else:
-        return L - 1 - s
 
 
 # ----------------------------------------------------------------------------------------------------- conv
@@ -73,7 +52,7 @@ def _tap(t, k, d: tl.constexpr, K: tl.constexpr):
 def _conv_pre(X, W, CB, e, e_ok, b, t, L, SE, ST, E, d: tl.constexpr, K: tl.constexpr, BE: tl.constexpr,
               BT: tl.constexpr):
     """Pre-activation of direction d's depthwise conv at tokens t: causal (d=0) or its mirror image (d=1).
-    x[e, token] sits at X + e*SE + token*ST (channel-major: SE = batch*L, ST = 1; channel-last: SE = 1)."""
+    x[e, token] sits at X + e*SE + token*ST (channel-last inside xz: SE = 1, ST = 2E)."""
     acc = tl.zeros([BE, BT], tl.float32) + tl.load(CB + d * E + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(K):
         src = _tap(t, k, d, K)
@@ -152,133 +131,6 @@ def _conv_bwd_dx(W, DPRE, DX, L, OD, OE, OT, SE, ST, E, K: tl.constexpr, BE: tl.
 
 
 # ----------------------------------------------------------------------------------------------------- scan
-@triton.jit
-def _direction_params(A, D, DTB, d, e, e_ok, E, N: tl.constexpr):
-    """A (BD, N), D and the dt bias (BD,) of direction d for channels e, from the (2, E[, N]) stacks."""
-    n = tl.arange(0, N)
-    A_ = tl.load(A + (d * E + e[:, None]) * N + n[None, :], mask=e_ok[:, None], other=0.0)
-    return A_, tl.load(D + d * E + e, mask=e_ok, other=0.0), tl.load(DTB + d * E + e, mask=e_ok, other=0.0)
-
-
-@triton.jit
-def _chunk_inputs(U, XDBL, DT, A_, bias, e, e_ok, b, s, L, BL, E, R, d: tl.constexpr, N: tl.constexpr):
-    """One chunk of direction d (scan steps s): offsets, mask, u, raw dt, delta, B, C, the decay and the input."""
-    t = _token(s, L, d)
-    s_ok = s < L
-    n = tl.arange(0, N)
-    ok = e_ok[:, None] & s_ok[None, :]
-    off = e[:, None] * BL + b * L + t[None, :]
-    u = tl.load(U + d * E * BL + off, mask=ok, other=0.0).to(tl.float32)
-    dt_raw = tl.load(DT + d * E * BL + off, mask=ok, other=0.0).to(tl.float32) + bias[:, None]
-    delta = _softplus(dt_raw)
-    bc_off = (d * (R + 2 * N) + R + n[:, None]) * BL + b * L + t[None, :]
-    Bm = tl.load(XDBL + bc_off, mask=s_ok[None, :], other=0.0).to(tl.float32)
-    Cm = tl.load(XDBL + bc_off + N * BL, mask=s_ok[None, :], other=0.0).to(tl.float32)
-    decay = tl.exp(delta[:, None, :] * A_[:, :, None])  # (BD, N, T)
-    dbu = (delta * u)[:, None, :] * Bm[None, :, :]
-    return t, ok, off, u, dt_raw, delta, Bm, Cm, decay, dbu
-
-
-@triton.jit
-def _scan_fwd(U, XDBL, DT, Z, A, D, DTB, OUT, STATES, L, B, E, R, NCHUNK, N: tl.constexpr, BD: tl.constexpr,
-              T: tl.constexpr, STORE_STATES: tl.constexpr):
-    e = tl.program_id(0) * BD + tl.arange(0, BD)
-    b = tl.program_id(1)
-    BL = B * L
-    e_ok = e < E
-    n = tl.arange(0, N)
-    j = tl.arange(0, T)
-    for d in tl.static_range(2):
-        A_, Dd, bias = _direction_params(A, D, DTB, d, e, e_ok, E, N)
-        h = tl.zeros([BD, N], tl.float32)
-        for c in range(NCHUNK):
-            t, ok, off, u, dt_raw, delta, Bm, Cm, decay, dbu = _chunk_inputs(
-                U, XDBL, DT, A_, bias, e, e_ok, b, c * T + j, L, BL, E, R, d, N)
-            acum, bcum = tl.associative_scan((decay, dbu), axis=2, combine_fn=_linear_combine)
-            hs = acum * h[:, :, None] + bcum
-            y = tl.sum(hs * Cm[None, :, :], axis=1) + Dd[:, None] * u
-            h = tl.sum(tl.where((j == T - 1)[None, None, :], hs, 0.0), axis=2)
-            if STORE_STATES:  # the state entering chunk c+1, for the backward
-                st = STATES + (((d * B + b) * E + e[:, None]) * (NCHUNK - 1) + c) * N + n[None, :]
-                tl.store(st, h, mask=e_ok[:, None] & (c < NCHUNK - 1))
-            if d == 0:
-                tl.store(OUT + off, y, mask=ok)
-            else:
-                zz = tl.load(Z + off, mask=ok, other=0.0).to(tl.float32)
-                y0 = tl.load(OUT + off, mask=ok, other=0.0).to(tl.float32)
-                tl.store(OUT + off, (y0 + y) * zz * tl.sigmoid(zz), mask=ok)
-        tl.debug_barrier()  # direction 1 reads what other threads of this program wrote in direction 0
-
-
-@triton.jit
-def _scan_bwd(U, XDBL, DT, Z, A, D, DTB, DOUT, STATES, DU, DDT, DBC, DZ, DA, DD, DDTB, L, B, E, R, NCHUNK,
-              N: tl.constexpr, BD: tl.constexpr, T: tl.constexpr):
-    e = tl.program_id(0) * BD + tl.arange(0, BD)
-    b = tl.program_id(1)
-    BL = B * L
-    e_ok = e < E
-    n = tl.arange(0, N)
-    j = tl.arange(0, T)
-    for d in tl.static_range(2):
-        A_, Dd, bias = _direction_params(A, D, DTB, d, e, e_ok, E, N)
-        g_next = tl.zeros([BD, N], tl.float32)  # adjoint state at the first step of the chunk after this one
-        dA_acc = tl.zeros([BD, N], tl.float32)
-        dD_acc = tl.zeros([BD], tl.float32)
-        dbias_acc = tl.zeros([BD], tl.float32)
-        for ci in range(NCHUNK):
-            c = NCHUNK - 1 - ci
-            s = c * T + j
-            t, ok, off, u, dt_raw, delta, Bm, Cm, decay, dbu = _chunk_inputs(
-                U, XDBL, DT, A_, bias, e, e_ok, b, s, L, BL, E, R, d, N)
-            # states of the chunk, from the checkpoint at its start
-            st = STATES + (((d * B + b) * E + e[:, None]) * (NCHUNK - 1) + tl.maximum(c - 1, 0)) * N
-            h0 = tl.load(st + n[None, :], mask=e_ok[:, None] & (c > 0), other=0.0)
-            acum, bcum = tl.associative_scan((decay, dbu), axis=2, combine_fn=_linear_combine)
-            hs = acum * h0[:, :, None] + bcum
-            # gate: out = silu(z) (y_0 + y_1)
-            zz = tl.load(Z + off, mask=ok, other=0.0).to(tl.float32)
-            zsig = tl.sigmoid(zz)
-            dout = tl.load(DOUT + off, mask=ok, other=0.0).to(tl.float32)
-            dy = dout * zz * zsig
-            y = tl.sum(hs * Cm[None, :, :], axis=1) + Dd[:, None] * u
-            dz = dout * y * zsig * (1.0 + zz * (1.0 - zsig))
-            if d == 0:
-                tl.store(DZ + off, dz, mask=ok)
-            else:
-                tl.store(DZ + off, tl.load(DZ + off, mask=ok, other=0.0).to(tl.float32) + dz, mask=ok)
-            # adjoint: g_s = C_s dy_s + decay_{s+1} g_{s+1}, a reverse scan whose coefficient is the next decay
-            s1_ok = (s + 1) < L
-            t1 = _token(s + 1, L, d)
-            dt1 = tl.load(DT + d * E * BL + e[:, None] * BL + b * L + t1[None, :],
-                          mask=e_ok[:, None] & s1_ok[None, :], other=0.0).to(tl.float32)
-            decay1 = tl.exp(_softplus(dt1 + bias[:, None])[:, None, :] * A_[:, :, None])
-            decay1 = tl.where(s1_ok[None, None, :], decay1, 0.0)
-            gcum_a, gcum_b = tl.associative_scan((decay1, Cm[None, :, :] * dy[:, None, :]), axis=2,
-                                                 combine_fn=_linear_combine, reverse=True)
-            g = gcum_a * g_next[:, :, None] + gcum_b
-            g_next = tl.sum(tl.where((j == 0)[None, None, :], g, 0.0), axis=2)
-            # h_s = decay_s h_{s-1} + delta_s B_s u_s, so decay_s h_{s-1} = h_s - dbu_s: no shifted states needed
-            hprev = hs - dbu
-            ddelta = tl.sum(g * (A_[:, :, None] * hprev + Bm[None, :, :] * u[:, None, :]), axis=1)
-            dA_acc += tl.sum(g * hprev * delta[:, None, :], axis=2)
-            du = tl.sum(g * Bm[None, :, :], axis=1) * delta + Dd[:, None] * dy
-            tl.store(DU + d * E * BL + off, du, mask=ok)
-            dD_acc += tl.sum(dy * u, axis=1)
-            ddt = tl.where(ok, ddelta * tl.where(dt_raw > 20.0, 1.0, tl.sigmoid(dt_raw)), 0.0)
-            tl.store(DDT + d * E * BL + off, ddt, mask=ok)
-            dbias_acc += tl.sum(ddt, axis=1)
-            # dB, dC: summed over this program's channels, then across programs
-            bc_off = (d * 2 * N + n[:, None]) * BL + b * L + t[None, :]
-            s_ok = (s < L)[None, :]
-            tl.atomic_add(DBC + bc_off, tl.sum(g * (delta * u)[:, None, :], axis=0), mask=s_ok)
-            tl.atomic_add(DBC + bc_off + N * BL, tl.sum(hs * dy[:, None, :], axis=0), mask=s_ok)
-        tl.atomic_add(DA + (d * E + e[:, None]) * N + n[None, :], dA_acc, mask=e_ok[:, None])
-        tl.atomic_add(DD + d * E + e, dD_acc, mask=e_ok)
-        tl.atomic_add(DDTB + d * E + e, dbias_acc, mask=e_ok)
-        tl.debug_barrier()  # direction 1 adds to the dz direction 0 wrote
-
-
-# ------------------------------------------------------------------------------------------ inference (no grad)
 @triton.jit
 def _seq_params(AT, D, DTB, d, e, e_ok, E, N: tl.constexpr):
     """Offsets and values of direction d's A (N, BD), from the transposed (2, N, E) stack, and its D and dt bias."""
@@ -455,7 +307,6 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
 SEQ = dict(BD=64, CL=256, num_warps=1)  # sequences of one chunk
 SEQ_LONG = dict(BD=32, CL=256, num_warps=1)  # longer ones (two passes): more, smaller programs ran 8% faster
 SEQ_BWD = dict(BD=64, num_warps=1)  # _scan_seq_bwd (chunks as the forward's): 8-33% faster than 32 (H200 sweeps)
-TRAIN_PATH = "seq"  # the training kernels: "seq" (SeqMixerFn, channel-last) or "assoc" (FusedBiMixerFn)
 
 
 def seq_config(length):
@@ -494,7 +345,7 @@ class SeqMixerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias):
         dtype, e, r = xz.dtype, xz.shape[1] // 2, dt_proj_w.shape[-1]
-        xc = conv_forward(xz, conv_w, conv_b, batch, channel_last=True)
+        xc = conv_forward(xz, conv_w, conv_b, batch)
         x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
         dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
         bc = x_dbl[..., r:].float().contiguous()  # float32 B, C: the scan loads them every step, bf16 costs unpacking
@@ -509,7 +360,7 @@ class SeqMixerFn(torch.autograd.Function):
         xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc = ctx.saved_tensors
         batch, dtype, (bl, e2) = ctx.batch, xz.dtype, xz.shape
         length, e, r, n, k = bl // batch, e2 // 2, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
-        xc = conv_forward(xz, conv_w, conv_b, batch, channel_last=True)  # recomputed, as dt is
+        xc = conv_forward(xz, conv_w, conv_b, batch)  # recomputed, as dt is
         wdt = dt_proj_w.to(dtype)
         dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))
         f32 = dict(device=xz.device, dtype=torch.float32)
@@ -549,11 +400,9 @@ def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_
     return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(y2.dtype))
 
 
-# ------------------------------------------------------------------------------------------------ autograd
-CONV_BLOCK = dict(BE=32, BT=64)
+# ------------------------------------------------------------------------------------------------ conv launch
+CONV_BLOCK = dict(BE=32, BT=64)  # _conv_fwd, _conv_bwd_dx: channels and tokens a program
 CONV_DPRE = dict(BE=32, BT=16, SEG=256, num_warps=4)  # _conv_bwd_dpre: SEG tokens a program, in tiles of BT
-SCAN_FWD = dict(BD=1, num_warps=4)  # its chunk size is the backward's T
-SCAN_BWD = dict(BD=4, T=32, num_warps=4)
 
 
 def _conv_grid(batch, length, e):
@@ -564,77 +413,20 @@ def _dpre_grid(batch, length, e):
     return triton.cdiv(length, CONV_DPRE["SEG"]), batch, triton.cdiv(e, CONV_DPRE["BE"])
 
 
-def conv_forward(xz, conv_w, conv_b, batch, channel_last=False):
-    """SiLU(conv_d(x)) of both directions: channel-major xz (2E, batch*L) -> (2, E, batch*L), or channel-last
-    (batch*L, 2E) -> (2, batch*L, E)."""
-    e, bl = conv_w.shape[1], xz.numel() // (2 * conv_w.shape[1])
-    if channel_last:  # strides: x (channel, token), output (direction, channel, token)
-        xc, strides = torch.empty(2, bl, e, device=xz.device, dtype=xz.dtype), (1, 2 * e, bl * e, 1, e)
-    else:
-        xc, strides = torch.empty(2, e, bl, device=xz.device, dtype=xz.dtype), (bl, 1, e * bl, bl, 1)
-    _conv_fwd[_conv_grid(batch, bl // batch, e)](xz, conv_w, conv_b, xc, bl // batch, *strides, e,
+def conv_forward(xz, conv_w, conv_b, batch):
+    """SiLU(conv_d(x)) of both directions, channel-last: xz (batch*L, 2E) -> (2, batch*L, E)."""
+    e, bl = conv_w.shape[1], xz.shape[0]
+    xc = torch.empty(2, bl, e, device=xz.device, dtype=xz.dtype)
+    # strides: x (channel, token), output (direction, channel, token)
+    _conv_fwd[_conv_grid(batch, bl // batch, e)](xz, conv_w, conv_b, xc, bl // batch, 1, 2 * e, bl * e, 1, e, e,
                                                  conv_w.shape[-1], **CONV_BLOCK)
     return xc
-
-
-class FusedBiMixerFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias):
-        dtype, (e2, bl) = xz.dtype, xz.shape
-        e, length, r, n = e2 // 2, bl // batch, dt_proj_w.shape[-1], A.shape[-1]
-        xc = conv_forward(xz, conv_w, conv_b, batch)
-        x_dbl = torch.bmm(x_proj_w.to(dtype), xc)  # (2, R + 2N, batch*L)
-        dt = torch.bmm(dt_proj_w.to(dtype), x_dbl[:, :r])  # (2, E, batch*L)
-        out = torch.empty(e, bl, device=xz.device, dtype=dtype)
-        nchunk = triton.cdiv(length, SCAN_BWD["T"])  # the backward's chunks: checkpoint the state entering each
-        states = torch.empty(2, batch, e, max(nchunk - 1, 1), n, device=xz.device, dtype=torch.float32)
-        _scan_fwd[(triton.cdiv(e, SCAN_FWD["BD"]), batch)](
-            xc, x_dbl, dt, xz[e:], A, D, dt_bias, out, states, length, batch, e, r, nchunk, n,
-            STORE_STATES=nchunk > 1, T=SCAN_BWD["T"], **SCAN_FWD)
-        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, states)
-        ctx.batch, ctx.nchunk = batch, nchunk
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, A, D, dt_bias, states = ctx.saved_tensors
-        batch, nchunk, dtype, (e2, bl) = ctx.batch, ctx.nchunk, xz.dtype, xz.shape
-        e, length, r, n, k = e2 // 2, bl // batch, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
-        xc = conv_forward(xz, conv_w, conv_b, batch)  # recomputed: cheaper than keeping (2, E, batch*L)
-        wdt = dt_proj_w.to(dtype)
-        dt = torch.bmm(wdt, x_dbl[:, :r])
-        f32 = dict(device=xz.device, dtype=torch.float32)
-        du, ddt, dxz = torch.empty_like(xc), torch.empty_like(dt), torch.empty_like(xz)
-        dbc, dA, dD, ddt_bias = torch.zeros(2, 2 * n, bl, **f32), torch.zeros_like(A), torch.zeros_like(D), \
-            torch.zeros_like(dt_bias)
-        _scan_bwd[(triton.cdiv(e, SCAN_BWD["BD"]), batch)](
-            xc, x_dbl, dt, xz[e:], A, D, dt_bias, dout.contiguous(), states, du, ddt, dbc, dxz[e:], dA, dD,
-            ddt_bias, length, batch, e, r, nchunk, n, **SCAN_BWD)
-        dx_dbl = torch.cat([torch.bmm(wdt.transpose(1, 2), ddt), dbc.to(dtype)], dim=1)
-        d_dt_proj_w = torch.bmm(ddt, x_dbl[:, :r].transpose(1, 2))
-        d_x_proj_w = torch.bmm(dx_dbl, xc.transpose(1, 2))
-        dxc = torch.baddbmm(du, x_proj_w.to(dtype).transpose(1, 2), dx_dbl)
-        dpre = torch.empty(2, e, bl, **f32)
-        dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
-        _conv_bwd_dpre[_dpre_grid(batch, length, e)](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, bl, 1,
-                                                     e * bl, bl, 1, e, k, triton.next_power_of_2(k), **CONV_DPRE)
-        _conv_bwd_dx[_conv_grid(batch, length, e)](conv_w, dpre, dxz, length, e * bl, bl, 1, bl, 1, e, k, **CONV_BLOCK)
-        return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
-                d_dt_proj_w.to(dt_proj_w.dtype), dA, dD, ddt_bias)
 
 
 def fits(batch: int, length: int, d_inner: int, d_state: int, dt_rank: int) -> bool:
     """Whether every buffer of the kernels stays within their 32-bit offsets and the batch within a grid axis."""
     bl = batch * length
+    chunks = triton.cdiv(length, seq_config(length)["CL"])
     largest = max(2 * d_inner * bl, 2 * (dt_rank + 2 * d_state) * bl, 2 * d_inner * d_state * bl,  # HS scratch
-                  2 * batch * d_inner * d_state * triton.cdiv(length, min(SCAN_BWD["T"], seq_config(length)["CL"])))
-    return largest < 2 ** 31 and batch * triton.cdiv(length, seq_config(length)["CL"]) < 2 ** 16
-
-
-def fused_bimixer(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias):
-    """xz: (2E, batch*L), tokens innermost (in_proj's output); per-direction parameters stacked on a leading axis of
-    2: conv_w (2, E, K), conv_b (2, E), x_proj_w (2, R + 2N, E), dt_proj_w (2, E, R), A (2, E, N), D and dt_bias
-    (2, E), float32. Returns SiLU(z) * (y_forward + y_backward), (E, batch*L) in xz's dtype."""
-    return FusedBiMixerFn.apply(xz.contiguous(), batch, conv_w.contiguous(), conv_b.contiguous(), x_proj_w,
-                                dt_proj_w, A.contiguous(), D.contiguous(), dt_bias.contiguous())
+                  2 * batch * d_inner * d_state * chunks)  # chunk states and adjoints
+    return largest < 2 ** 31 and batch * chunks < 2 ** 16
