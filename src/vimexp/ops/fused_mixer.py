@@ -120,10 +120,7 @@ def _conv_bwd_dx(W, DPRE, DX, L, OD, OE, OT, SE, ST, E, K: tl.constexpr, BE: tl.
     acc = tl.zeros([BE, BT], tl.float32)
     for d in tl.static_range(2):
         for k in tl.static_range(K):
-            if d == 0:  # x_t fed pre_0 at t + K-1-k and pre_1 at t - (K-1) + k
-                dst = t + (K - 1) - k
-            else:
-                dst = t - (K - 1) + k
+            dst = _tap(t, k, 1 - d, K)  # the output token whose tap k read x_t: the other direction's tap
             ok = e_ok[:, None] & ((dst >= 0) & (dst < L))[None, :]
             dp = tl.load(DPRE + d * OD + e[:, None] * OE + (b * L + dst[None, :]) * OT, mask=ok, other=0.0)
             acc += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * dp
