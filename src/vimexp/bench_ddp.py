@@ -32,6 +32,11 @@ BASE = ["experiment=imagenet_vim_s", "data=builtin", "data.img_size=224", "train
 SAME_SPLIT = ["task.mixup=0", "task.cutmix=0", "model.drop_path_rate=0"]  # nothing random that a batch split changes
 
 
+def first_gpus(n: int) -> str:
+    """CUDA_VISIBLE_DEVICES for GPUs 0..n-1."""
+    return ",".join(map(str, range(n)))
+
+
 def train(run_dir: Path, overrides: list[str], gpus: str) -> subprocess.Popen:
     """Start one training run on the listed GPUs (CUDA_VISIBLE_DEVICES); its log goes to run_dir/stdout.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +93,7 @@ def throughput(out: Path, n: int, batch: int, epochs: int, extra: list[str]) -> 
     common = [*BASE, f"trainer.max_epochs={epochs}", *extra]
     wait(train(out / "tp_1gpu", [*common, f"data.batch_size={batch}"], "0"))
     wait(train(out / f"tp_{n}gpu", [*common, f"data.batch_size={batch * n}", "trainer=ddp", f"trainer.devices={n}"],
-               ",".join(map(str, range(n)))))
+               first_gpus(n)))
     one, many = result(out / "tp_1gpu"), result(out / f"tp_{n}gpu")
     return {"per_device_batch": batch, "epochs": epochs, "one_gpu": one, f"{n}_gpus": many,
             "scaling_efficiency": round(many["train_img_per_sec"] / (n * one["train_img_per_sec"]), 3)}
@@ -99,8 +104,7 @@ def equivalence(out: Path, n: int, batch: int, epochs: int, extra: list[str]) ->
     # the 1-GPU runs side by side, the repeat and the other seed sharing a GPU (their speed is not measured here)
     wait(train(out / "eq_1gpu", [*common, "seed=0"], "0"), train(out / "eq_1gpu_again", [*common, "seed=0"], "1"),
          train(out / "eq_1gpu_seed1", [*common, "seed=1"], "1"))
-    wait(train(out / f"eq_{n}gpu", [*common, "seed=0", "trainer=ddp", f"trainer.devices={n}"],
-               ",".join(map(str, range(n)))))
+    wait(train(out / f"eq_{n}gpu", [*common, "seed=0", "trainer=ddp", f"trainer.devices={n}"], first_gpus(n)))
     runs = {name: result(out / name) for name in ("eq_1gpu", f"eq_{n}gpu", "eq_1gpu_again", "eq_1gpu_seed1")}
     init = initial_weights(common, seed=0)
     (one, steps), (many, steps_n), (again, _) = (model_weights(out / d)
@@ -120,7 +124,7 @@ def multirun(out: Path, n: int, extra: list[str]) -> dict:
                "logger=default", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
                "+trainer.limit_val_batches=4", "seed=1,2", "data.batch_size=128", *extra]
     run = subprocess.run(command, cwd=out, env={**os.environ, "VIMEXP_ROOT": str(root), "WANDB_MODE": "offline",
-                                                 "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))},
+                                                 "CUDA_VISIBLE_DEVICES": first_gpus(n)},
                          capture_output=True, text=True)
     (out / "multirun.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:
