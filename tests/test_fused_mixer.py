@@ -114,7 +114,9 @@ def test_auto_falls_back_to_mamba_ssm_where_triton_cannot_build(monkeypatch):
 
 
 def test_softplus_keeps_its_digits_far_below_zero():
-    """delta = softplus(dt + bias) in the kernels, against float64, over the range training can push dt into."""
+    """delta = softplus(dt + bias) in the kernels, against float64, over the range training can push dt into. The
+    bound grows as 1 + |x|: rounding x log2(e) to float32 costs e^x a relative |x| 2^-24 whatever computes it (the
+    GPU's exponential included); near 0 it is the polynomial's 1.9e-7."""
     import triton
     import triton.language as tl
 
@@ -126,7 +128,7 @@ def test_softplus_keeps_its_digits_far_below_zero():
     y = torch.empty_like(x)
     apply[(1,)](x, y, 256)
     expected = torch.nn.functional.softplus(x.double().cpu())
-    assert ((y.double().cpu() - expected).abs() / expected).max() < 1e-6
+    assert ((y.double().cpu() - expected).abs() / expected / (1 + x.double().cpu().abs())).max() < 2.5e-7
 
 
 def test_size_guard_counts_every_buffer():
