@@ -6,7 +6,7 @@ kernel=cuda (mamba-ssm, the reference) against kernel=fused (vimexp.ops.fused_mi
 Per shape: inference forward and training forward+backward ms (median of CUDA-event timings), the speed-up, and the
 fused scan kernel alone, forward: its achieved bandwidth (the bytes it has to move / its time) and state-update
 rate (batch x tokens x channels x states x 2 directions / its time), to set beside the chip's limits. --sweep times
-every Triton block configuration of the scan kernels at every shape and keeps the fastest in the record.
+every Triton block configuration of the scan and conv kernels at every shape and keeps them all in the record.
 """
 import argparse
 import json
@@ -23,6 +23,8 @@ SHAPES = {"vim_ti_1248_b8": (8, 6085, 192), "vim_s_224_b128": (128, 197, 384), "
 # "train" sweeps the backward kernel's blocks (the forward's are SEQ)
 SWEEP_SEQ = {"inference": [dict(BD=bd, num_warps=w) for bd in (32, 64, 128) for w in (1, 2, 4) if bd >= 32 * w],
              "train": [dict(BD=bd, num_warps=w) for bd, w in [(16, 1), (32, 1), (64, 1), (64, 2)]]}
+# the conv kernels' tiles (channels x tokens; _conv_fwd and _conv_bwd_dx), timed in inference and training
+SWEEP_CONV = [dict(BE=be, BT=bt) for be in (32, 64, 128) for bt in (16, 32, 64) if be * bt <= 4096]
 
 
 def time_ms(fn, warmup=3, repeats=15) -> float:
@@ -80,14 +82,17 @@ def scan_kernel_alone(shape) -> dict:
             "updates_per_s_T": updates / ms / 1e9}
 
 
-def sweep(shape, configs, table: dict, mode: str) -> list[dict]:
+def sweep(shape, configs, table: dict, modes: tuple[str, ...]) -> list[dict]:
+    """Each configuration of `table` (a block dict of fused_mixer) timed in each of `modes`; the first mode's time
+    is the row's "ms", the one the printed ranking sorts by."""
     rows = []
     for cfg in configs:
         saved = dict(table)
         table.update(cfg)
         try:
-            infer, train = mixer_steps("fused", shape)
-            rows.append({**cfg, "ms": time_ms(infer if mode == "inference" else train)})
+            steps = dict(zip(("inference", "train"), mixer_steps("fused", shape)))
+            times = {f"{m}_ms": time_ms(steps[m]) for m in modes}
+            rows.append({**cfg, "ms": times[f"{modes[0]}_ms"], **(times if len(modes) > 1 else {})})
         except Exception as e:  # a configuration that doesn't compile (registers, shared memory) is recorded
             rows.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         table.clear()
@@ -97,7 +102,7 @@ def sweep(shape, configs, table: dict, mode: str) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="time every block configuration of the scan kernels")
+    parser.add_argument("--sweep", action="store_true", help="time every block configuration of the scan and conv kernels")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", default=None, help="write the record here (JSON)")
     args = parser.parse_args()
@@ -112,8 +117,9 @@ def main():
         row = {"shape_name": name, "shape": list(shape)}
         if args.sweep:
             forward = fm.seq_config(shape[1])  # the blocks of this length's forward
-            row["sweep_seq"] = {"inference": sweep(shape, SWEEP_SEQ["inference"], forward, "inference"),
-                                "train": sweep(shape, SWEEP_SEQ["train"], fm.SEQ_BWD, "train")}
+            row["sweep_seq"] = {"inference": sweep(shape, SWEEP_SEQ["inference"], forward, ("inference",)),
+                                "train": sweep(shape, SWEEP_SEQ["train"], fm.SEQ_BWD, ("train",)),
+                                "conv": sweep(shape, SWEEP_CONV, fm.CONV_BLOCK, ("inference", "train"))}
         for kernel in ("cuda", "fused"):
             infer, train = mixer_steps(kernel, shape)
             row[kernel] = {"inference_ms": time_ms(infer), "train_ms": time_ms(train)}
@@ -125,7 +131,8 @@ def main():
         if args.sweep:
             for mode, rows in row["sweep_seq"].items():
                 ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
-                print(mode, [(*(v for k, v in r.items() if k != "ms"), round(r["ms"], 3)) for r in ok[:5]], flush=True)
+                print(mode, [(*(v for k, v in r.items() if not k.endswith("ms")), round(r["ms"], 3)) for r in ok[:5]],
+                      flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)

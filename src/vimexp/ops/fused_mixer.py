@@ -334,7 +334,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
 
 
 # Blocks of the channel-last kernels, by H100 and H200 sweeps (bench_mixer): channels a program, tokens a chunk
-SEQ = dict(BD=64, CL=256, num_warps=1)  # sequences of one chunk
+SEQ = dict(BD=32, CL=256, num_warps=1)  # sequences of one chunk
 SEQ_LONG = dict(BD=32, CL=256, num_warps=1)  # longer ones (two passes): more, smaller programs ran 8% faster
 SEQ_BWD = dict(BD=64, num_warps=1)  # _scan_seq_bwd (chunks as the forward's): 8-33% faster than 32 (H200 sweeps)
 
