@@ -137,52 +137,23 @@ def _conv_bwd_dx(W, DPRE, DX, L, OD, OE, OT, SE, ST, E, K: tl.constexpr, BE: tl.
 
 # ----------------------------------------------------------------------------------------------------- scan
 @triton.jit
-def _tile(n_off, e, CH_ROWS: tl.constexpr):
-    """The 2-D offsets n_off[state] + e[channel] of a state tile: (BD, N) with CH_ROWS, else (N, BD). The (BD, N)
-    tiles carry no contiguity hint, so Triton puts one channel a lane with all its N states (sm_90, Triton 3.6): the
-    sum over states stays in the lane, and the per-channel work runs once a channel, in the same layout."""
-    if CH_ROWS:
-        return tl.max_contiguous(n_off[None, :] + e[:, None], [1, 1])
-    else:
-        return n_off[:, None] + e[None, :]
+def _seq_params(AT, D, DTB, d, e, e_ok, E, N: tl.constexpr):
+    """Offsets and values of direction d's A (N, BD), from the transposed (2, N, E) stack, and its D and dt bias."""
+    a_off = (d * N + tl.arange(0, N)[:, None]) * E + e[None, :]
+    return (a_off, tl.load(AT + a_off, mask=e_ok[None, :], other=0.0), tl.load(D + d * E + e, mask=e_ok, other=0.0),
+            tl.load(DTB + d * E + e, mask=e_ok, other=0.0))
 
 
 @triton.jit
-def _chan(v, CH_ROWS: tl.constexpr):
-    """A per-channel vector broadcast along a state tile's states."""
-    if CH_ROWS:
-        return v[:, None]
-    else:
-        return v[None, :]
-
-
-@triton.jit
-def _state(v, CH_ROWS: tl.constexpr):
-    """A per-state vector broadcast along a state tile's channels."""
-    if CH_ROWS:
-        return v[None, :]
-    else:
-        return v[:, None]
-
-
-@triton.jit
-def _seq_params(AT, D, DTB, d, e, e_ok, E, N: tl.constexpr, CH_ROWS: tl.constexpr):
-    """Offsets and values of direction d's A tile, from the transposed (2, N, E) stack, and its D and dt bias."""
-    a_off = _tile((d * N + tl.arange(0, N)) * E, e, CH_ROWS)
-    return (a_off, tl.load(AT + a_off, mask=_chan(e_ok, CH_ROWS), other=0.0),
-            tl.load(D + d * E + e, mask=e_ok, other=0.0), tl.load(DTB + d * E + e, mask=e_ok, other=0.0))
-
-
-@triton.jit
-def _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N: tl.constexpr, CH_ROWS: tl.constexpr):
-    """The state tile entering chunk c: PASS 0's end states of the chunks before it in scan order, each carried
+def _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N: tl.constexpr, BD: tl.constexpr):
+    """The (N, BD) state entering chunk c: PASS 0's end states of the chunks before it in scan order, each carried
     through the decays (summed deltas) of the chunks after it."""
     n = tl.arange(0, N)
-    h = tl.zeros(A2.shape, tl.float32)
+    h = tl.zeros([N, BD], tl.float32)
     for cp in range(c):
         base = ((d * B + b) * NC + cp) * E
-        decay = tl.exp2(_chan(tl.load(SC + base + e, mask=e_ok, other=0.0), CH_ROWS) * A2)
-        h = decay * h + tl.load(HC + _tile(base * N + n * E, e, CH_ROWS), mask=_chan(e_ok, CH_ROWS), other=0.0)
+        decay = tl.exp2(tl.load(SC + base + e, mask=e_ok, other=0.0)[None, :] * A2)
+        h = decay * h + tl.load(HC + base * N + n[:, None] * E + e[None, :], mask=e_ok[None, :], other=0.0)
     return h
 
 
@@ -190,10 +161,13 @@ def _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N: tl.constexpr, CH_
 def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.constexpr, BD: tl.constexpr,
               PASS: tl.constexpr):
     """Channel-last, one step at a time: a program owns (channel block, batch, chunk of CL steps, direction) and
-    keeps its (BD, N) states in registers, one channel a lane (_tile). PASS 0 writes each chunk's end state from a
-    zero start and its summed delta; PASS 1 carries the state in from the chunks before, then writes SiLU(z) y_d to
-    Y2 (batch*L, 2, E). The next step's inputs are loaded before this step's arithmetic, so their latency hides
-    behind it."""
+    keeps its (N, BD) states in registers. PASS 0 writes each chunk's end state from a zero start and its summed
+    delta; PASS 1 carries the state in from the chunks before, then writes SiLU(z) y_d to Y2 (batch*L, 2, E).
+    The next step's inputs are loaded before this step's arithmetic, so their latency hides behind it.
+    Every 2-D tensor is (N, BD) and every 2-D load runs along the channels (AT is A transposed, (2, N, E)), so
+    Triton lays the channels across the lanes and a lane owns all N states of its channels: the sum over states
+    stays in the lane. Laid out (BD, N), Triton spread the states over lanes instead: 64 shuffles, a shared-memory
+    round trip and three barriers at every step."""
     e = tl.program_id(0) * BD + tl.arange(0, BD)
     b = tl.program_id(1) // NC
     c = tl.program_id(1) % NC
@@ -201,12 +175,12 @@ def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.const
     e_ok = e < E
     n = tl.arange(0, N)
     BL = B * L
-    _, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N, True)
+    _, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N)
     A2 = A_ * 1.4426950408889634  # exp(x A) = exp2(x A log2(e))
     if PASS == 1:
-        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, True)
+        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)
     else:
-        h = tl.zeros([BD, N], tl.float32)
+        h = tl.zeros([N, BD], tl.float32)
     sgn = 1 - 2 * d
     steps = tl.minimum(CL, L - c * CL)
     row = b * L + d * (L - 1) + sgn * c * CL  # the first token of the chunk in scan order
@@ -227,17 +201,17 @@ def _scan_seq(U, BC, DT, Z, AT, D, DTB, Y2, HC, SC, L, B, E, NC, CL, N: tl.const
             C_next = tl.load(BC + (d * BL + row) * 2 * N + N + n)
             z_next = tl.load(Z + row * 2 * E + e, mask=e_ok, other=0.0)
         delta = _softplus(dt.to(tl.float32) + bias)
-        h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bv[None, :]
+        h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * u)[None, :]
         if PASS == 0:
             sum_delta += delta
         else:
-            y = tl.sum(h * Cv[None, :], axis=1) + Dd * u
+            y = tl.sum(h * Cv[:, None], axis=0) + Dd * u
             z = z.to(tl.float32)
             tl.store(Y2 + out_row * 2 * E + d * E + e, y * z * tl.sigmoid(z), mask=e_ok)
     if PASS == 0:
         base = ((d * B + b) * NC + c) * E
         tl.store(SC + base + e, sum_delta, mask=e_ok)
-        tl.store(HC + _tile(base * N + n * E, e, True), h, mask=e_ok[:, None])
+        tl.store(HC + base * N + n[:, None] * E + e[None, :], h, mask=e_ok[None, :])
 
 
 @triton.jit
@@ -258,14 +232,14 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     e_ok = e < E
     n = tl.arange(0, N)
     BL = B * L
-    a_off, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N, False)
+    a_off, A_, Dd, bias = _seq_params(AT, D, DTB, d, e, e_ok, E, N)
     A2 = A_ * 1.4426950408889634
     sgn = 1 - 2 * d
     steps = tl.minimum(CL, L - c * CL)
     first = b * L + d * (L - 1) + sgn * c * CL  # the chunk's first token in scan order
     hs_ptr = HS + tl.max_contiguous((d * BL * N + n[:, None]) * E + e[None, :], [1, 4])  # + row * N * E
     if PASS == 1:
-        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, False)  # then every state of the chunk, into HS
+        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)  # then every state of the chunk, into HS
         hin_ptr = HIN + (((d * B + b) * NC + c) * N + n[:, None]) * E + e[None, :]
         tl.store(hin_ptr, h, mask=e_ok[None, :] & (c > 0))
         for i in tl.range(0, steps, num_stages=3):
@@ -334,7 +308,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
 
 
 # Blocks of the channel-last kernels, by H100 and H200 sweeps (bench_mixer): channels a program, tokens a chunk
-SEQ = dict(BD=32, CL=256, num_warps=1)  # sequences of one chunk
+SEQ = dict(BD=64, CL=256, num_warps=1)  # sequences of one chunk
 SEQ_LONG = dict(BD=32, CL=256, num_warps=1)  # longer ones (two passes): more, smaller programs ran 8% faster
 SEQ_BWD = dict(BD=64, num_warps=1)  # _scan_seq_bwd (chunks as the forward's): 8-33% faster than 32 (H200 sweeps)
 
