@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from vimexp.bench import environment
+from vimexp.bench import environment, spin_up
 from vimexp.models.vim import VimMixer
 from vimexp.ops import fused_mixer as fm
 
@@ -112,6 +112,7 @@ def main():
                   name: dict(getattr(fm, name))
                   for name in ("SEQ", "SEQ_LONG", "SEQ_BWD", "CONV_BLOCK", "CONV_DPRE")},
               "rows": []}
+    spin_up(torch.device("cuda"), 3)
     for name in args.shapes:
         shape = SHAPES[name]
         row = {"shape_name": name, "shape": list(shape)}
