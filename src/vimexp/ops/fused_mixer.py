@@ -17,8 +17,8 @@ Everything runs channel-last, (batch*L, channels): `bimixer_channel_last` / `Seq
   the adjoint walked back, carried between chunks as the states are (a first pass of chunk aggregates);
 - `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is recomputed, not kept).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
-to: experiments/results/fused_scan/NOTES.md (H200, bf16: Vim-S training 2.11x the mamba-ssm path, Vim-Ti inference
-at 1248 px 1.42x). The first training design, associative scans over channel-major tiles, ran at 0.4x and was
+to: experiments/results/fused_scan/NOTES.md (H200, bf16: Vim-S training 2.25x the mamba-ssm path, Vim-Ti inference
+at 1248 px 1.55-1.66x). The first training design, associative scans over channel-major tiles, ran at 0.4x and was
 deleted after 603f838; NOTES.md keeps its measurements.
 """
 import torch

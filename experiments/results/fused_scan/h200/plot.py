@@ -8,12 +8,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 here = Path(__file__).parent
 rows = lambda name: {r["model"]: float(r["img_per_sec"]) for r in csv.DictReader(open(here / name))}  # noqa: E731
-train, infer = rows("train_224_final.csv"), rows("fig1_1248_b8_fwd_vec.csv") | rows(
-    "fig1_1248_b8_bwd_v2_same_call_as_fwd_vec.csv")
-panels = [("training, Vim-S 224 px, batch 128 (one call)",
+train, infer = rows("final2_train_224_r2.csv"), rows("final2_fig1_1248_b8_r3.csv")  # one call: runs.json, NOTES.md
+panels = [("training, Vim-S 224 px, batch 128",
            {"mamba-ssm": train["vim_s_cuda"], "fused (kernel=auto)": train["vim_s_auto"]}),
-          ("inference, Vim-Ti vs DeiT-Ti, 1248 px, batch 8 (one call)",
-           {"Vim-Ti mamba-ssm": infer["vim_ti_mamba_ssm"], "Vim-Ti fused": infer["vim_ti_v2"],
+          ("inference, Vim-Ti vs DeiT-Ti, 1248 px, batch 8",
+           {"Vim-Ti mamba-ssm": infer["vim_ti_mamba_ssm"], "Vim-Ti fused": infer["vim_ti"],
             "DeiT-Ti eager": infer["deit_ti_eager"], "DeiT-Ti SDPA": infer["deit_ti_sdpa"]})]
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
 for ax, (title, bars) in zip(axes, panels):
@@ -24,6 +23,6 @@ for ax, (title, bars) in zip(axes, panels):
     ax.set(title=title, ylabel="images / s")
     ax.margins(y=0.25)
     ax.tick_params(axis="x", labelsize=8)
-fig.suptitle("H200, bf16: the fused bidirectional mixer against mamba-ssm (experiments/results/fused_scan/h200)")
+fig.suptitle("H200, bf16, one device call: the fused bidirectional mixer against mamba-ssm (fused_scan/h200)")
 fig.tight_layout()
 fig.savefig(here / "speedup_h200.png", dpi=110)
