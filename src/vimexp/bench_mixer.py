@@ -92,7 +92,7 @@ def sweep(shape, configs, table: dict, modes: tuple[str, ...]) -> list[dict]:
         try:
             steps = dict(zip(("inference", "train"), mixer_steps("fused", shape)))
             times = {f"{m}_ms": time_ms(steps[m]) for m in modes}
-            rows.append({**cfg, "ms": times[f"{modes[0]}_ms"], **(times if len(modes) > 1 else {})})
+            rows.append({**cfg, "ms": times[f"{modes[0]}_ms"], **times})
         except Exception as e:  # a configuration that doesn't compile (registers, shared memory) is recorded
             rows.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         table.clear()
@@ -102,7 +102,8 @@ def sweep(shape, configs, table: dict, modes: tuple[str, ...]) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="time every block configuration of the scan and conv kernels")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time every block configuration of the scan and conv kernels")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", default=None, help="write the record here (JSON)")
     args = parser.parse_args()
