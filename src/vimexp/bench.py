@@ -102,7 +102,7 @@ def _cuda_graph(step):
 def spin_up(device, seconds: float) -> None:
     """Keep the GPU busy for `seconds` before the first timing. A GPU left idle sits at its lowest clocks: on the
     H200 the configuration timed first in a call came out 11% slower than the same one timed later, and sweeps
-    ranked whichever block ran first last. (It doesn't cure every slow first run: fused_scan/NOTES.md, step 17.)"""
+    ranked the block timed first near the bottom. (It doesn't cure every slow first run: fused_scan/NOTES.md, step 17.)"""
     if device.type != "cuda" or seconds <= 0:
         return
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
