@@ -61,11 +61,15 @@ def result(run_dir: Path) -> dict:
         "val_acc1": r["final"].get("val/acc1"), "val_acc1_ema": r["final"].get("val/acc1_ema")}
 
 
+def _model_floats(state_dict: dict) -> dict[str, torch.Tensor]:
+    """The model's floating-point tensors of a task's state dict, in float64."""
+    return {k: v.double() for k, v in state_dict.items() if k.startswith("model.") and v.is_floating_point()}
+
+
 def model_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
     """The last checkpoint's model weights (float64) and its step."""
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    return {k: v.double() for k, v in ckpt["state_dict"].items()
-            if k.startswith("model.") and v.is_floating_point()}, ckpt["global_step"]
+    return _model_floats(ckpt["state_dict"]), ckpt["global_step"]
 
 
 def initial_weights(overrides: list[str], seed: int) -> dict[str, torch.Tensor]:
@@ -74,8 +78,7 @@ def initial_weights(overrides: list[str], seed: int) -> dict[str, torch.Tensor]:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"seed={seed}", "paths.output_dir=."])
     L.seed_everything(seed, workers=True, verbose=False)
-    return {k: v.double() for k, v in build_task(cfg).state_dict().items()
-            if k.startswith("model.") and v.is_floating_point()}
+    return _model_floats(build_task(cfg).state_dict())
 
 
 def weight_gap(a: dict, b: dict, init: dict | None = None) -> dict:
