@@ -1,18 +1,27 @@
-# make help: list targets
-PY ?= python
-.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table2 table3 table4 table5 table7 fig1 fig3 bench-train bench-train-hier bench-ddp
+# make help: list targets. The first `make train` or `make test` creates .venv and installs into it (CPU torch pinned,
+# vimexp editable with its test extras); PY=python3 runs with an environment of yours instead.
+VENV := .venv
+PY ?= $(VENV)/bin/python
+ENV := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
+.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table2 table3 table4 table5 table7 fig1 fig3 fig-speedup bench-train bench-train-hier bench-mixer bench-ddp
 
 help:  ## list targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-install:  ## set up: CPU torch pinned, vimexp editable with test extras
+install:  ## install into PY's environment: CPU torch pinned, vimexp editable with test extras
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[dev]"
 
-train:  ## the main job: a small Vim on the built-in dataset (CPU, a few minutes)
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(MAKE) install PY=$(PY)
+	touch $@
+
+train: $(ENV)  ## the main job: a small Vim on the built-in dataset (CPU, a few minutes)
 	$(PY) -m vimexp.train
 
-test:  ## the CPU test suite (what CI runs)
+test: $(ENV)  ## the CPU test suite (what CI runs)
 	$(PY) -m pytest -q -m "not gpu"
 
 gpu-test:  ## on a CUDA machine with mamba-ssm: GPU tests, cuda-vs-torch comparison JSON in experiments/results/
@@ -20,7 +29,7 @@ gpu-test:  ## on a CUDA machine with mamba-ssm: GPU tests, cuda-vs-torch compari
 
 PRESET ?= builtin
 TABLE_ARGS ?=
-table1 table2 table3 table4 table5 table7:  ## a paper table: run its missing rows, render experiments/results/<table>_$(PRESET).md (PRESET=builtin|paper)
+table1 table2 table3 table4 table5 table7: $(ENV)  ## a paper table: run its missing rows, render experiments/results/<table>_$(PRESET).md (PRESET=builtin|paper)
 	$(PY) -m vimexp.tables $@ --preset $(PRESET) $(TABLE_ARGS)
 
 fig1:  ## Figure 1 on the GPU: Vim-Ti vs DeiT-Ti inference throughput and memory vs resolution
@@ -35,8 +44,14 @@ bench-train:  ## training throughput and memory at 224 px, Vim-Ti/S/B and DeiT-T
 bench-train-hier:  ## training throughput and memory at 224 px, Hier-Vim-T/S/B and Swin-T/S/B (Table 7's models)
 	$(PY) -m vimexp.bench bench=train_hier $(BENCH_ARGS)
 
+bench-mixer:  ## the bimamba v2 mixer alone, fused Triton kernels vs mamba-ssm (BENCH_ARGS=bench.sweep=true: every block size)
+	$(PY) -m vimexp.bench bench=mixer $(BENCH_ARGS)
+
 bench-ddp:  ## on N GPUs of one host: DDP scaling efficiency, 1-vs-N-GPU equivalence and a DDP multirun (Vim-S, 224 px)
-	$(PY) -m vimexp.bench_ddp --devices $(or $(DEVICES),2) --out experiments/results/ddp.json $(BENCH_ARGS)
+	$(PY) -m vimexp.bench bench=ddp bench.devices=$(or $(DEVICES),2) bench.record=experiments/results/ddp.json $(BENCH_ARGS)
+
+fig-speedup:  ## redraw the README's speed-up figure from the kept H200 runs (experiments/results/fused_scan/h200/)
+	$(PY) -m vimexp.bench bench=speedup out_dir=experiments/results/fused_scan/h200 $(BENCH_ARGS)
 
 clean-logs:  ## remove run directories
 	rm -rf logs

@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from vimexp.data.synthetic import ensure_ade20k, ensure_coco, ensure_imagefolder
-from vimexp.run import CONF_DIR
+from vimexp.cli import CONF_DIR, setup
+
+setup()  # the config resolvers, as the CLI registers them
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = {"train_per_class": 8, "val_per_class": 4, "size": 32, "seed": 0}

@@ -1,5 +1,6 @@
-"""The benchmark harness in its CPU mode: every configuration measured, results written, OOM handling. No timing is
-asserted: only that the harness produces complete, well-formed records."""
+"""The benchmark package in its CPU mode (python -m vimexp.bench bench=...): every configuration measured, results
+written, OOM handling, every bench config wired to its tool, the mixer sweep's block sizes reaching the kernels as
+arguments. No timing is asserted: only that the harness produces complete, well-formed records."""
 import csv
 import json
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import run_cli
-from vimexp import bench as bench_mod
-from vimexp.tasks.necks import PyramidBackbone
+from conftest import ROOT, run_cli
+from vimexp.bench import backbones as bench_mod
+from vimexp.models.dense.necks import PyramidBackbone
 
 CPU = ["device=cpu", "kernel=torch", "warmup=1", "repeats=2", "iters=1", "bench.batch_sizes=[2]",
        "bench.precisions=[fp32]"]
@@ -18,7 +19,7 @@ CPU = ["device=cpu", "kernel=torch", "warmup=1", "repeats=2", "iters=1", "bench.
 @pytest.mark.parametrize("name,res", [("fig1", "[32,64]"), ("fig3_4", "[64]"), ("train", "[32]")])
 def test_bench_cli_on_cpu(name, res, tmp_path):
     models = "{vim:{name:vim_ti,depth:4},deit_eager:{name:deit_ti,attn:eager,depth:2}}"
-    run = run_cli("bench", f"bench={name}", *CPU, f"bench.resolutions={res}", f"~bench.models", f"+bench.models={models}",
+    run = run_cli("bench", f"bench={name}", *CPU, f"bench.resolutions={res}", "~bench.models", f"+bench.models={models}",
                   "bench.baseline=vim", f"out_dir={tmp_path}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((tmp_path / "results.json").read_text())
@@ -51,7 +52,7 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
     with monkeypatch.context() as m:
-        m.setattr(bench_mod, "_time", out_of_memory)
+        m.setattr(bench_mod, "seconds_per_call", out_of_memory)
         row = bench_mod.measure("deit", spec, 32, 2, "fp32", cfg, torch.device("cpu"))
     assert row["status"] == "OOM" and "img_per_sec" not in row
     row = bench_mod.measure("deit", spec, 32, 2, "fp32", cfg, torch.device("cpu"))  # the next configuration runs
@@ -67,3 +68,68 @@ def test_a_model_pinned_to_a_kernel_this_machine_lacks_is_skipped_with_the_reaso
     assert [r["model"] for r in record["rows"]] == ["vim"]
     assert "needs a CUDA GPU" in record["skipped"]["vim_mamba_ssm"]
     assert "skipping vim_mamba_ssm" in run.stdout
+
+
+def test_every_bench_config_names_a_tool_with_a_run_function():
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    from vimexp import bench
+    from vimexp.cli import CONF_DIR, group_choices
+    names = group_choices("bench")
+    assert {"fig1", "fig3_4", "train", "train_hier", "mixer", "ddp", "speedup"} <= set(names)
+    for name in names:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("bench", overrides=[f"bench={name}", "paths.output_dir=."])
+        assert cfg.bench.name == name and cfg.bench.tool in bench.TOOLS
+        assert callable(importlib.import_module(f"vimexp.bench.{cfg.bench.tool}").run)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the mixer's own timing protocol
+        cfg = compose("bench", overrides=["bench=mixer", "paths.output_dir=."])
+    assert (cfg.warmup, cfg.repeats, cfg.iters) == (3, 15, 1)
+
+
+def test_gpu_benchmarks_on_a_cpu_say_why_in_one_line(tmp_path):
+    mixer = run_cli("bench", "bench=mixer", "device=cpu", f"out_dir={tmp_path}", cwd=tmp_path)
+    assert mixer.returncode == 2 and "error: bench=mixer" in mixer.stderr and "needs a CUDA GPU" in mixer.stderr
+    if not torch.cuda.is_available():
+        ddp = run_cli("bench", "bench=ddp", "bench.devices=2", f"out_dir={tmp_path}", cwd=tmp_path)
+        assert ddp.returncode == 2 and "bench.devices=2 needs as many GPUs" in ddp.stderr
+
+
+def test_speedup_figure_from_the_kept_runs(tmp_path):
+    run = run_cli("bench", "bench=speedup", f"out_dir={tmp_path}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "speedup_h200.png").stat().st_size > 10_000
+    assert (ROOT / "experiments/results/fused_scan/h200/speedup_h200.png").is_file()  # the README's copy
+
+
+def test_sweep_blocks_reach_the_kernels_and_leave_the_tuned_ones_alone():
+    pytest.importorskip("triton")
+    import copy
+
+    from vimexp.bench.mixer import BlocksBackend
+    from vimexp.models.vim import VimMixer
+    from vimexp.ops import fused_mixer as fm
+
+    tuned = copy.deepcopy(fm.tuned())
+    small = fm.with_blocks(seq=dict(BD=8, CL=5), seq_long=dict(BD=4, CL=5), seq_bwd=dict(BD=4),
+                           conv=dict(BE=8, BT=16), conv_dpre=dict(BE=8, BT=4, SEG=8))
+    assert small.seq == dict(BD=8, CL=5, num_warps=1) and fm.tuned() == tuned
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU: Triton's interpreter (conftest)
+    torch.manual_seed(0)
+    ref = VimMixer(8, kernel="torch").double()
+    fused = copy.deepcopy(ref).float().to(device)
+    fused.backend = BlocksBackend(small)
+    x = torch.randn(2, 19, 8, dtype=torch.float64, requires_grad=True)  # 19 tokens: 4 chunks of 5 at these blocks
+    xf = x.detach().float().to(device).requires_grad_()
+    ref(x).sum().backward()
+    out = fused(xf)
+    out.sum().backward()
+    rel = lambda a, b: ((a.detach().double().cpu() - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(out, ref(x)) <= 1e-4 and rel(xf.grad, x.grad) <= 1e-4
+    assert fm.tuned() == tuned  # nothing written into the tuned tables
+    fused.backend = BlocksBackend(fm.with_blocks(seq=dict(BD=3)))  # not a power of two: Triton refuses the block
+    with pytest.raises(Exception, match="power of 2"):
+        with torch.no_grad():
+            fused(xf)

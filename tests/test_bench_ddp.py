@@ -1,9 +1,9 @@
-"""The DDP benchmark's weight bookkeeping (python -m vimexp.bench_ddp): the weights it takes as a run's start are the
-ones train() starts from, and its gaps measure what they say."""
+"""The DDP benchmark's weight bookkeeping (python -m vimexp.bench bench=ddp): the weights it takes as a run's start are
+the ones train() starts from, inside the benchmark's own Hydra job too, and its gaps measure what they say."""
 import torch
 
 from conftest import TINY_RUN, data_overrides, run_cli
-from vimexp.bench_ddp import initial_weights, model_weights, weight_gap
+from vimexp.bench.ddp import initial_weights, model_weights, train_overrides_arg, weight_gap
 
 
 def test_initial_weights_are_where_training_starts(tiny_data, tmp_path):
@@ -19,6 +19,20 @@ def test_initial_weights_are_where_training_starts(tiny_data, tmp_path):
     assert all(torch.equal(trained[k], start[k]) for k in start)
     other_seed = initial_weights(overrides, seed=4)
     assert weight_gap(trained, other_seed)["rel_to_weights"] > 0.1
+    from hydra import initialize_config_dir
+
+    from vimexp.cli import CONF_DIR
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # as inside `python -m vimexp.bench bench=ddp`
+        in_job = initial_weights(overrides, seed=3)
+    assert all(torch.equal(in_job[k], start[k]) for k in start)
+
+
+def test_train_overrides_travel_as_one_hydra_list():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    arg = train_overrides_arg(["data.root=/x/y", "trainer.max_epochs=1"])
+    parsed = OverridesParser.create().parse_overrides([arg.strip('"')])[0]
+    assert parsed.key_or_group == "bench.train_overrides" and parsed.value() == ["data.root=/x/y",
+                                                                                  "trainer.max_epochs=1"]
 
 
 def test_weight_gap_relative_to_weights_and_to_the_update():

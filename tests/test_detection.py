@@ -15,8 +15,8 @@ from vimexp import VimexpError
 from vimexp.data.coco import CocoDataModule, CocoDetection, EvalTransform, coco_results, collate
 from vimexp.models import create_model
 from vimexp.models.checkpoint import adapt_pos_embed, check_compatible
-from vimexp.tasks.detection import CascadeMaskRCNN, CascadeStage
-from vimexp.tasks.necks import ViTDetPyramid
+from vimexp.models.dense.cascade import CascadeMaskRCNN, CascadeStage
+from vimexp.models.dense.necks import ViTDetPyramid
 from vimexp.tasks.optim import multistep_with_warmup
 
 STAGE_WEIGHTS = ((10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15))

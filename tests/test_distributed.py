@@ -16,7 +16,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from conftest import TINY_RUN, compose_cfg, data_overrides, run_cli
 from vimexp.data.imagefolder import CheckedImageFolder
 from vimexp.data.sampling import EpochIndexSampler
-from vimexp.run import build_trainer
+from vimexp.build import build_trainer
 
 # no randomness inside a step (mixup, drop path), so that the processes can't differ but by float rounding
 DETERMINISTIC = ["logger=csv", "trainer.accelerator=cpu", "task.mixup=0", "task.cutmix=0", "++model.drop_path_rate=0",

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 from vimexp import VimexpError  # noqa: E402
 from vimexp.models import create_model  # noqa: E402
 from vimexp.models.vim import VimMixer  # noqa: E402
-from vimexp.ops import fused_mixer  # noqa: E402
+from vimexp.ops import KernelBackend, fused_mixer  # noqa: E402
 
 # Without a GPU, tests/conftest.py has set TRITON_INTERPRET=1 (Triton's CPU interpreter) before torch loaded.
 
@@ -36,7 +36,7 @@ def _mixers(seed=0, d_model=8):
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     fused = copy.deepcopy(ref).float().to(DEVICE)
-    fused.kernel = "fused"
+    fused.backend = KernelBackend("fused")
     return ref, fused
 
 
@@ -97,9 +97,9 @@ def test_fused_on_an_old_gpu_says_why(monkeypatch):
 
 def test_state_size_the_kernels_cannot_tile():
     with pytest.raises(VimexpError, match="power-of-two d_state, not 12"):
-        VimMixer(8, d_state=12, kernel="fused")
-    assert VimMixer(8, d_state=12, kernel="fused_inference").kernel == "cuda"  # falls back quietly
-    assert VimMixer(8, d_state=12, kernel="fused", strict_kernel=False).kernel == "cuda"  # as auto's choice does
+        VimMixer(8, d_state=12, kernel=KernelBackend("fused"))
+    assert VimMixer(8, d_state=12, kernel=KernelBackend("fused_inference")).kernel == "cuda"  # falls back quietly
+    assert VimMixer(8, d_state=12, kernel=KernelBackend("fused", strict=False)).kernel == "cuda"  # as auto's does
 
 
 def test_auto_falls_back_to_mamba_ssm_where_triton_cannot_build(monkeypatch):

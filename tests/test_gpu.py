@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from vimexp.models import create_model
 from vimexp.ops import cuda_unavailable_reason
-from vimexp.run import git_commit
+from vimexp.record import git_commit
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(cuda_unavailable_reason() is not None, reason=str(cuda_unavailable_reason()))]

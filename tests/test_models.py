@@ -5,6 +5,7 @@ from timm.optim import param_groups_layer_decay
 
 from vimexp import VimexpError
 from vimexp.models import create_model, list_models, load_checkpoint
+from vimexp.models.backbone import num_layers
 
 SMALL = dict(img_size=32, patch_size=8, stride=8, depth=4, embed_dim=32, num_classes=10, kernel="torch")
 
@@ -102,11 +103,10 @@ def test_shared_interface(name):
     groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(),
                                       layer_decay=0.5)
     scales = {round(g["lr_scale"], 6) for g in groups}
-    depth = len(getattr(model, "layers", getattr(model, "blocks", [])))
+    depth = num_layers(model)
     assert len(scales) == depth + 2  # embeddings, one per block, then norm + head
     x, indices = torch.randn(2, 3, 32, 32), [1, depth - 1]
-    maps = model.forward_intermediates(x, indices=indices, intermediates_only=True) if name == "deit_nano" \
-        else model.forward_intermediates(x, indices=indices)
+    maps = model.forward_intermediates(x, indices=indices, intermediates_only=True)  # timm's signature, both
     grid = 32 // model.patch_embed.proj.kernel_size[0]
     assert [tuple(m.shape) for m in maps] == [(2, model.embed_dim, grid, grid)] * 2
 

@@ -1,6 +1,6 @@
 """Independent reference tests for the CPU/torch ops (selective scan, causal conv, RMSNorm).
 
-Every reference here is written from the spec (mamba_ssm semantics, see OFFICIAL_IMPL.md §1.4 and the
+Every reference here is written from the spec (mamba_ssm semantics, see docs/official_impl.md §1.4 and the
 public API description), as a naive float64 step-by-step loop, and compared with the vimexp implementation.
 """
 

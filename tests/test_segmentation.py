@@ -12,7 +12,7 @@ from conftest import TINY_SEG_DATA, compose_cfg, run_cli
 from vimexp import VimexpError
 from vimexp.data.ade20k import ADE20K, ADE20KDataModule, EvalTransform, rescale_size
 from vimexp.models import create_model, load_checkpoint
-from vimexp.run import build_task
+from vimexp.build import build_task
 from vimexp.tasks.optim import param_groups
 from vimexp.tasks.segmentation import slide_logits
 
@@ -137,7 +137,7 @@ def test_cli_trains_and_records_miou_and_previews(tmp_path):
     run = run_cli("train", "experiment=builtin_seg", "debug=limit", f"data.root={tmp_path}/seg/ADEChallengeData2016",
                   f"data.generate_params={{{params}}}", "data.batch_size=4", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    out = next((tmp_path / "logs" / "debug" / "builtin_seg_upernet_vim_ti").iterdir())
+    out = next((tmp_path / "logs" / "debug" / "builtin_seg").iterdir())
     record = json.loads((out / "results.json").read_text())
     assert record["task"] == "segmentation" and record["epochs"] == 2
     assert set(record["best"]) == {"val/mIoU", "val/mAcc", "val/aAcc"}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, TINY_RUN, compose_cfg, data_overrides
 from vimexp.models import create_model
-from vimexp.run import build_task
+from vimexp.build import build_task
 from vimexp.tables import find_results, load_table, render
 
 ABLATIONS = {"bidir_none": ("none", "mean"), "bidir_seq": ("sequence", "mean"), "bidir_block": ("block", "mean"),
@@ -79,7 +79,7 @@ def test_two_row_sweep_end_to_end(tiny_data, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count(" -m vimexp.train -m ") == 1  # one multirun for both rows
     jobs = sorted(p for p in (tmp_path / "logs" / "debug" / "multirun").glob("*/*") if p.is_dir())
-    assert [j.name.split("_", 1)[1] for j in jobs] == ["builtin_vim_nano-bidir_none", "builtin_vim_nano-bidir_ssm_conv"]
+    assert [j.name.split("_", 1)[1] for j in jobs] == ["builtin-bidir_none", "builtin-bidir_ssm_conv"]
     for job in jobs:
         results = json.loads((job / "results.json").read_text())
         assert results["table"] == "table4" and results["wandb_run_id"]
@@ -139,7 +139,7 @@ def test_table2_and_table4_segmentation_rows_run_through_the_cli(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "VIMEXP_ROOT": str(tmp_path)}
     seg = [f"data.root={tmp_path}/seg/ADEChallengeData2016", "data.generate_params={train:16,val:2,size:48,seed:0}",
            "data.batch_size=4", "debug=limit"]
-    for table, rows in (("table4", "bidir_ssm_conv"), ("table2", "builtin_seg_upernet_vim_ti")):
+    for table, rows in (("table4", "bidir_ssm_conv"), ("table2", "builtin_seg")):
         extra = ["--tasks", "segmentation"] if table == "table4" else []
         cmd = [sys.executable, "-m", "vimexp.tables", table, "--rows", rows, *extra, "--runs", str(tmp_path / "logs"),
                "--out", str(tmp_path / "out"), "--", *seg]

@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY_RUN, compose_cfg, data_overrides, det_data_overrides, run_cli, seg_data_overrides
 from vimexp.models import create_model
-from vimexp.run import CONF_DIR
+from vimexp.cli import CONF_DIR
 from vimexp.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -128,3 +128,20 @@ def test_cli_run_leaves_a_complete_record_and_eval_reproduces_it(tiny_data, tmp_
     evaluated = json.loads((eval_dir / "results.json").read_text())
     for key in ("val/acc1", "val_ema/acc1"):  # same weights, same val batches -> same top-1
         assert evaluated["final"][key] == pytest.approx(results["final"][key], abs=1e-6), key
+
+
+def test_eval_takes_the_model_and_data_from_the_checkpoint(tiny_data, tmp_path):
+    """A checkpoint carries its run's resolved config: eval needs only the checkpoint (and what should differ)."""
+    run = run_cli("train", "debug=limit", "logger=csv", *data_overrides(tiny_data), "++model.depth=3",
+                  "++model.embed_dim=24", "data.batch_size=16", "data.num_workers=0", "run_name=ckpt_cfg", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = next((tmp_path / "logs" / "debug" / "ckpt_cfg").iterdir())
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["vimexp_config"]["model"]["depth"] == 3 and ckpt["vimexp_config"]["data"]["root"] == str(tiny_data)
+    ev = run_cli("eval", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "++trainer.limit_val_batches=2",
+                 "data.num_workers=0", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    evaluated = json.loads(next((tmp_path / "logs" / "eval").rglob("results.json")).read_text())
+    trained = json.loads((run_dir / "results.json").read_text())
+    assert evaluated["params"] == trained["params"]  # the 3-layer width-24 model, not the default vim_nano
+    assert evaluated["final"]["val/acc1"] == pytest.approx(trained["final"]["val/acc1"], abs=1e-6)

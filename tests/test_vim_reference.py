@@ -1,6 +1,6 @@
 """Independent reference tests for the Vim mixer (bimamba v2 / v1 / none) and the Vim models.
 
-References are written from /work/shared/spec/OFFICIAL_IMPL.md (§1.3-1.8) only: the mixer parameters are read
+References are written from docs/official_impl.md (§1.3-1.8) only: the mixer parameters are read
 by name from the module and pushed through a naive float64 implementation (python-loop selective scan).
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from vimexp.models import create_model, list_models
 from vimexp.models.vim import VimMixer
 
-TSV = Path("/work/shared/spec/vim_tiny_state_dict.tsv")
+TSV = Path(__file__).parent / "data" / "vim_tiny_state_dict.tsv"  # docs/official_impl.md §1.8, one layer shown
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def _ssm_branch(x, z, P, conv, xproj, dtproj, A_log, D, casts=False):
 
 
 def naive_mixer(P, hidden, variant, divide_out, casts=False):
-    """Official Mamba (mamba-1p1p1, Vim) fast-path forward, §1.4 of OFFICIAL_IMPL.md.
+    """Official Mamba (mamba-1p1p1, Vim) fast-path forward, docs/official_impl.md §1.4.
 
     P: dict name -> tensor of the mixer's parameters; hidden (b, L, d_model)."""
     h = hidden.double()
@@ -285,7 +285,7 @@ def test_mixer_v2_backward_branch_is_flipped_forward(L):
 @pytest.mark.parametrize("divide_out", [False, True])
 def test_mixer_v1_float64_matches_naive(divide_out):
     """Official v1 (bimamba_inner_fn): shared conv/x_proj/dt_proj/D, A_b for the flipped scan, no /2 -- the
-    official code ignores if_divide_out for v1 (mamba_simple.py fast path, §1.4)."""
+    official code ignores if_divide_out for v1 (mamba_simple.py fast path, docs/official_impl.md §1.4)."""
     torch.manual_seed(7)
     m = VimMixer(24, d_state=8, bimamba="v1", divide_out=divide_out, kernel="torch").double()
     _perturb_(m, seed=11)
@@ -338,7 +338,7 @@ def _tsv_expanded(depth=24):
 
 
 def _layout(D, n_pos, depth=24, d_state=16, num_classes=1000, patch=16):
-    """Official state dict layout of a registered Vim config (§1.8 table)."""
+    """Official state dict layout of a registered Vim config (docs/official_impl.md §1.8 table)."""
     E = 2 * D
     R = math.ceil(D / 16)
     lay = {
@@ -366,7 +366,8 @@ MODEL_LAYOUTS = {
     "vim_b": (768, 197, 97_598_440),
     "vim_ti_stride8": (192, 730, 7_250_344),
     "vim_s_stride8": (384, 730, 26_001_256),
-    # no official stride-8 base; same layout with a 730-row pos_embed (spec §1.8: only pos_embed differs)
+    # no official stride-8 base; same layout with a 730-row pos_embed (docs/official_impl.md §1.8: only pos_embed
+    # differs)
     "vim_b_stride8": (768, 730, 98_007_784),
 }
 
@@ -417,7 +418,7 @@ def test_model_layout_and_parameter_count(name):
 
 
 # ----------------------------------------------------------------------------------------------
-# initialisation (§1.6)
+# initialisation (docs/official_impl.md §1.6)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -572,8 +573,8 @@ def test_vim_ti_small_image_and_classes():
 
 
 def naive_vim_forward(sd, img, depth, stride, patch=16):
-    """VisionMamba.forward (released config, eval) from §1.4: patch embed, middle cls token, pos_embed,
-    Add->RMSNorm->Mixer blocks with the residual stream, final add + norm_f, cls token, head."""
+    """VisionMamba.forward (released config, eval) from docs/official_impl.md §1.4: patch embed, middle cls token,
+    pos_embed, Add->RMSNorm->Mixer blocks with the residual stream, final add + norm_f, cls token, head."""
     x = F.conv2d(img.double(), sd["patch_embed.proj.weight"].double(), sd["patch_embed.proj.bias"].double(),
                  stride=stride)
     x = x.flatten(2).transpose(1, 2)  # (B, M, D), patches row-major

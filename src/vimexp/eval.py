@@ -1,14 +1,20 @@
 """Evaluate a checkpoint: `python -m vimexp.eval ckpt_path=<file> [experiment=...] [model=...] [split=...]`.
 
 Takes a vimexp checkpoint (.ckpt, raw and EMA weights) or an official hustvl/Vim one (.pth: `model`, `model_ema`),
-adapting pos_embed to the configured resolution, and writes results.json like a training run.
+adapting pos_embed to the configured resolution, and writes results.json like a training run. A vimexp checkpoint
+carries its run's resolved config: the model, data, task and recipe are taken from it, so only the command line's
+own overrides need giving (they win, as does a group or experiment named on the command line).
 """
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
 
+from vimexp.build import build_datamodule, build_loggers, build_task, build_trainer
+from vimexp.cli import cli
 from vimexp.models.checkpoint import adapt_pos_embed, check_compatible, extract_state_dict, read_checkpoint
-from vimexp.run import build_datamodule, build_loggers, build_task, build_trainer, cli, run_record, write_json
+from vimexp.record import run_record, write_json
 
 
 def load_weights(task, ckpt: dict):
@@ -26,11 +32,32 @@ def has_ema(ckpt: dict) -> bool:
     return bool(ckpt.get("model_ema"))
 
 
+SECTIONS = ("model", "data", "task", "optimizer", "scheduler")  # what a run's checkpoint config decides
+
+
+def with_checkpoint_config(cfg, saved: dict, overrides: list[str]):
+    """`cfg` with each section of the training run's config, except sections the command line chose itself (a group
+    or an experiment), then the command line's key overrides again on top."""
+    chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    keys = [k for k in chosen if "." in k]
+    with open_dict(cfg):
+        for section in SECTIONS:
+            if section in saved and section not in chosen and "experiment" not in chosen:
+                node = OmegaConf.create(saved[section])
+                for key in (k for k in keys if k.startswith(section + ".")):
+                    OmegaConf.update(node, key.split(".", 1)[1], OmegaConf.select(cfg, key), force_add=True)
+                cfg[section] = node
+        cfg.model.init_from = None  # the checkpoint's own weights are loaded below
+    return cfg
+
+
 def evaluate(cfg) -> dict:
     L.seed_everything(cfg.seed)
     ckpt = read_checkpoint(cfg.ckpt_path)
-    classification = cfg.task.get("name", "classification") == "classification"
-    task = build_task(cfg, **({"ema_decay": cfg.task.ema_decay if has_ema(ckpt) else None} if classification else {}))
+    if "vimexp_config" in ckpt:
+        cfg = with_checkpoint_config(cfg, ckpt["vimexp_config"], list(HydraConfig.get().overrides.task))
+    task = build_task(cfg, **({"ema_decay": cfg.task.ema_decay if has_ema(ckpt) else None}
+                              if "ema_decay" in cfg.task else {}))
     load_weights(task, ckpt)
     datamodule = build_datamodule(cfg, **({"val_split": cfg.split} if cfg.split else {}))
     trainer = build_trainer(cfg, loggers=build_loggers(cfg))

@@ -1,10 +1,10 @@
 """The paper's tables from your own runs: `python -m vimexp.tables table4 [--preset builtin|paper] [-- overrides]`.
 
 A table is defined in experiments/<name>.yaml: its rows (each one value of a swept config key, `experiment` or
-`ablation`), the metric of each column and the paper's numbers. This tool
+`ablation`, and optionally its own `overrides`), the metric of each column and the paper's numbers. This tool
   1. finds the rows' finished runs (results.json tagged with this table and preset) under --runs (default logs/),
-  2. runs the missing rows (all with --force) as one Hydra multirun of `python -m vimexp.train`; rows that start from
-     another row's checkpoint (`init_from`) run after it,
+  2. runs the missing rows (all with --force): the plain ones as one Hydra multirun of `python -m vimexp.train`, a row
+     with its own overrides as a run of its own; rows that start from another row's checkpoint (`init_from`) run last,
   3. renders Markdown and CSV: our value, the paper's, the difference, and each row's run directory and W&B run.
 `--render-only` skips 2, e.g. to render runs copied from a cluster: `--runs /path/to/copied/logs --render-only`.
 """
@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from vimexp import VimexpError
-from vimexp.run import CONF_DIR, one_line_errors
+from vimexp.cli import CONF_DIR, one_line_errors
 
 ROOT = CONF_DIR.parent
 TABLES_DIR = ROOT / "experiments"
@@ -39,8 +40,19 @@ def row_value(row: dict, preset: str) -> str | None:
     return value.get(preset) if isinstance(value, dict) else value
 
 
+def row_overrides(row: dict, preset: str) -> list[str]:
+    return list((row.get("overrides") or {}).get(preset) or [])
+
+
+def row_key(row: dict, preset: str) -> str | None:
+    """What finds a row's runs: the swept value, or for a row with its own overrides a name made from its label."""
+    if row_overrides(row, preset):
+        return re.sub(r"[^a-z0-9]+", "_", row["label"].lower().replace("†", " ft")).strip("_")
+    return row_value(row, preset)
+
+
 def find_results(runs: Path, table: dict, preset: str) -> dict[tuple[str, str], dict]:
-    """{(task, swept value): newest results.json} of the runs made for this table and preset."""
+    """{(task, row key): newest results.json} of the runs made for this table and preset."""
     found = {}
     for path in sorted(runs.rglob("results.json"), key=lambda p: p.stat().st_mtime):
         try:
@@ -48,7 +60,8 @@ def find_results(runs: Path, table: dict, preset: str) -> dict[tuple[str, str], 
         except (OSError, json.JSONDecodeError):
             continue  # a results file being written, or not ours
         if record.get("table") == table["name"] and record.get("table_preset") == preset:
-            found[(record.get("task", "classification"), record.get(table["sweep"]))] = record | {"_path": str(path)}
+            key = record.get("table_row") or record.get(table["sweep"])
+            found[(record.get("task", "classification"), key)] = record | {"_path": str(path)}
     return found
 
 
@@ -78,37 +91,40 @@ def tasks_of(table: dict) -> dict[str, dict]:
 
 def run_missing(table: dict, preset: str, runs: Path, extra: list[str], force: bool, only=None, tasks=None):
     sweep = table["sweep"]
-    trained = [r for r in table["rows"] if not r.get("cited") and (not only or row_value(r, preset) in only)]
+    trained = [r for r in table["rows"] if not r.get("cited") and (not only or row_key(r, preset) in only)]
     done = {} if force else find_results(runs, table, preset)
     for task, presets in tasks_of(table).items():
         if tasks and task not in tasks:
             continue
         base = [f"table={table['name']}", f"table_preset={preset}", *presets[preset], *extra]
-        first = [row_value(r, preset) for r in trained if not r.get("init_from")
-                 and (task, row_value(r, preset)) not in done]
-        if first:
-            _train([*base, f"{sweep}={','.join(first)}"], multirun=len(first) > 1)
-        for row in trained:  # rows that start from another row's weights
-            if not row.get("init_from") or (task, row_value(row, preset)) in done:
+        missing = [r for r in trained if (task, row_key(r, preset)) not in done]
+        plain = [row_value(r, preset) for r in missing if not r.get("init_from") and not row_overrides(r, preset)]
+        if plain:
+            _train([*base, f"{sweep}={','.join(plain)}"], multirun=len(plain) > 1)
+        for row in sorted(missing, key=lambda r: bool(r.get("init_from"))):  # rows of their own, fine-tunes last
+            if not (row.get("init_from") or row_overrides(row, preset)):
                 continue
-            source = next(r for r in trained if r["label"] == row["init_from"])
-            record = find_results(runs, table, preset).get((task, row_value(source, preset)))
-            if record is None:
-                raise VimexpError(f"{row['label']} starts from {source['label']}, which has no finished run")
-            ckpt = Path(record["output_dir"]) / "checkpoints" / "last.ckpt"
-            _train([*base, f"{sweep}={row_value(row, preset)}", f"model.init_from={ckpt}"], multirun=False)
+            own = [*row_overrides(row, preset), f"table_row={row_key(row, preset)}",
+                   f"experiment_name={table['name']}_{row_key(row, preset)}"] if row_overrides(row, preset) else []
+            if row.get("init_from"):
+                source = next(r for r in trained if r["label"] == row["init_from"])
+                record = find_results(runs, table, preset).get((task, row_key(source, preset)))
+                if record is None:
+                    raise VimexpError(f"{row['label']} starts from {source['label']}, which has no finished run")
+                own.append(f"model.init_from={Path(record['output_dir']) / 'checkpoints' / 'last.ckpt'}")
+            _train([*base, f"{sweep}={row_value(row, preset)}", *own], multirun=False)
 
 
 def render(table: dict, preset: str, results: dict) -> tuple[str, list[dict]]:
     """Markdown and CSV rows: per column ours / paper / difference, then the run directory and W&B run id."""
     rows = []
     for row in table["rows"]:
-        value = row_value(row, preset)
-        main = results.get((table.get("task", "classification"), value))
+        key = row_key(row, preset)
+        main = results.get((table.get("task", "classification"), key))
         cells = {"row": row["label"]}
         for col, paper in zip(table["columns"], row.get("paper") or [None] * len(table["columns"])):
             task = col.get("task", table.get("task", "classification"))
-            ours = None if row.get("cited") else metric(results.get((task, value)), col["metric"])
+            ours = None if row.get("cited") else metric(results.get((task, key)), col["metric"])
             cells[f"{col['name']} (ours)"] = "cited" if row.get("cited") else ours
             cells[f"{col['name']} (paper)"] = paper
             cells[f"{col['name']} (diff)"] = round(ours - paper, 2) if None not in (ours, paper) and not \
@@ -135,7 +151,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="where the table goes")
     p.add_argument("--force", action="store_true", help="run every row again")
     p.add_argument("--render-only", action="store_true", help="only render what is already in --runs")
-    p.add_argument("--rows", help="run only these rows (comma-separated swept values, e.g. bidir_none,bidir_ssm)")
+    p.add_argument("--rows", help="run only these rows (comma-separated swept values, e.g. bidir_none,bidir_ssm, "
+                                   "or for rows with their own overrides the label's name, e.g. vim_s)")
     p.add_argument("--tasks", help="run only these tasks' columns (comma-separated, e.g. classification)")
     p.epilog = "Extra overrides for every row go after --, e.g. -- data.root=/data/imagenet"
     argv = sys.argv[1:] if argv is None else list(argv)

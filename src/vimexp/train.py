@@ -4,10 +4,13 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from vimexp import VimexpError
+from vimexp.build import build_datamodule, build_loggers, build_task, build_trainer
+from vimexp.cli import cli
 from vimexp.models.checkpoint import check_compatible, read_checkpoint
-from vimexp.run import build_datamodule, build_loggers, build_task, build_trainer, cli, run_record, write_json
+from vimexp.record import run_record, write_json
 
 
 class EpochSeed(L.Callback):
@@ -21,6 +24,17 @@ class EpochSeed(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
             L.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
+
+
+class SaveConfig(L.Callback):
+    """Keep the run's resolved config in every checkpoint, so that eval (and a reader) know what made the weights."""
+
+    def __init__(self, cfg):
+        run = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # composed in-process, cfg has it
+        self.config = OmegaConf.to_container(run, resolve=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["vimexp_config"] = self.config
 
 
 def resolve_ckpt_path(cfg) -> str | None:
@@ -50,7 +64,7 @@ def train(cfg) -> dict:
     if ckpt_path:  # fail now, not after the data is set up, when the checkpoint is another model's
         check_compatible(task, read_checkpoint(ckpt_path)["state_dict"])
     datamodule = build_datamodule(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [EpochSeed(cfg.seed)]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [EpochSeed(cfg.seed), SaveConfig(cfg)]
     trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     record = run_record(cfg, task, trainer, started)

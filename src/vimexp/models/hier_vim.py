@@ -23,7 +23,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from vimexp.models.registry import register_model
 from vimexp.models.vim import VimMixer
-from vimexp.ops import resolve_kernel
+from vimexp.ops import backend
 
 
 class HierVimBlock(nn.Module):
@@ -56,15 +56,14 @@ class HierVim(nn.Module):
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 5, 2),
                  mlp_ratio=3.5, drop_path_rate=0.2, d_state=16, expand=2, bimamba="v2", kernel="auto", recompute=False):
         super().__init__()
-        self.kernel = resolve_kernel(kernel)
+        self.backend = backend(kernel)
         self.num_classes = num_classes
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.num_features = dims[-1]
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
                                       output_fmt="NHWC")
         dpr = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
-        mixer = dict(d_state=d_state, expand=expand, bimamba=bimamba, kernel=self.kernel, recompute=recompute,
-                     strict_kernel=kernel != "auto")
+        mixer = dict(d_state=d_state, expand=expand, bimamba=bimamba, kernel=self.backend, recompute=recompute)
         self.stages = nn.Sequential(*(
             HierVimStage(PatchMerging(dims[i - 1], dims[i]) if i else nn.Identity(),
                          [HierVimBlock(dims[i], mlp_ratio, next(dpr), **mixer) for _ in range(depth)])
@@ -75,6 +74,10 @@ class HierVim(nn.Module):
             if isinstance(module, VimMixer) and module.bimamba == "v2":
                 module._init_dt(module.dt_proj_b, dt_min=0.001, dt_max=0.1, floor=1e-4)
         self.apply(self._init_weights)
+
+    @property
+    def kernel(self) -> str:
+        return self.backend.name
 
     @staticmethod
     def _init_weights(module):  # Swin's init, but the mixer's dt_proj keeps Mamba's (its bias sets the initial dt)

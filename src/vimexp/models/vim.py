@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 
 from vimexp import VimexpError
-from vimexp.ops import get_ops, resolve_kernel
+from vimexp.ops import KernelBackend, backend
 
 # the paper's bidirectional strategies -> (mixer variant, whole-sequence flip in training, paired blocks)
 BIDIRECTIONAL = {
@@ -39,20 +39,16 @@ class VimMixer(nn.Module):
     On the cuda kernels each direction (bimamba none/v2) runs as one autograd node (vimexp.ops.mixer_branch);
     recompute makes it recompute the conv output in the backward, as the official fused mixer does: the official
     training memory (Vim-S, bf16, batch 128: 9.0 instead of 10.7 GiB) for 2-3% speed on an H100
-    (experiments/results/bench_h100/). strict_kernel=False (kernel=auto): a fused mixer whose shape the Triton
-    kernels can't take runs mamba-ssm instead of raising."""
+    (experiments/results/bench_h100/train_recompute/).
+    `kernel` is a kernel name or the model's resolved vimexp.ops backend."""
 
-    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, bimamba="v2", divide_out=True, kernel="torch",
-                 recompute=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, strict_kernel=True):
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, bimamba="v2", divide_out=True,
+                 kernel: str | KernelBackend = "torch", recompute=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
         super().__init__()
         if bimamba not in ("none", "v1", "v2"):
             raise VimexpError(f"unknown bimamba variant {bimamba!r}: choose none, v1 or v2")
-        if kernel.startswith("fused") and d_state & (d_state - 1):  # the Triton kernels tile the states
-            if kernel == "fused" and strict_kernel:
-                raise VimexpError(f"kernel='fused' needs a power-of-two d_state, not {d_state}: use kernel=cuda")
-            kernel = "cuda"
-        self.bimamba, self.divide_out, self.kernel, self.recompute = bimamba, divide_out, kernel, recompute
-        self.strict_kernel = strict_kernel
+        self.backend = (backend(kernel) if isinstance(kernel, str) else kernel).for_state_size(d_state)
+        self.bimamba, self.divide_out, self.recompute = bimamba, divide_out, recompute
         d_inner = expand * d_model
         self.d_state, self.dt_rank = d_state, math.ceil(d_model / 16)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
@@ -100,10 +96,12 @@ class VimMixer(nn.Module):
         return ops.selective_scan(conv_out, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(),
                                   delta_softplus=True)
 
-    def _forward_fused(self, hidden):
-        """bimamba v2 through the Triton kernels of vimexp.ops.fused_mixer: no flips, one scan kernel."""
-        from vimexp.ops import fused_mixer
+    @property
+    def kernel(self) -> str:
+        return self.backend.name
 
+    def _forward_fused(self, hidden):
+        """bimamba v2 through the backend's Triton kernels: no flips, one scan kernel."""
         batch, seqlen, dim = hidden.shape
         pair = lambda fwd, bwd: torch.stack([fwd, bwd])  # noqa: E731  per-direction parameters, stacked
         args = (pair(self.conv1d.weight.squeeze(1), self.conv1d_b.weight.squeeze(1)),
@@ -113,20 +111,15 @@ class VimMixer(nn.Module):
         weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
         if torch.is_autocast_enabled(hidden.device.type):
             hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-        return fused_mixer.bimixer_channel_last(hidden.reshape(-1, dim), batch, self.in_proj.weight, *args,
-                                                weight).view(batch, seqlen, -1)
+        return self.backend.bimixer(hidden.reshape(-1, dim), batch, self.in_proj.weight, *args,
+                                    weight).view(batch, seqlen, -1)
 
     def forward(self, hidden):
-        if self.bimamba == "v2" and (self.kernel == "fused" or
-                                     (self.kernel == "fused_inference" and not torch.is_grad_enabled())):
-            from vimexp.ops.fused_mixer import fits
-            if fits(hidden.shape[0], hidden.shape[1], self.in_proj.out_features // 2, self.d_state, self.dt_rank):
-                return self._forward_fused(hidden)
-            if self.kernel == "fused" and self.strict_kernel:
-                raise VimexpError(f"kernel='fused': batch {hidden.shape[0]} x {hidden.shape[1]} tokens is too large "
-                                  "for its 32-bit offsets and grid; use a smaller batch or kernel=fused_inference/cuda")
-        ops = get_ops(self.kernel)
         batch, seqlen, dim = hidden.shape
+        if self.bimamba == "v2" and self.backend.runs_fused(batch, seqlen, self.in_proj.out_features // 2,
+                                                             self.d_state, self.dt_rank):
+            return self._forward_fused(hidden)
+        ops = self.backend.ops
         # (2E, batch*L) -> (batch, 2E, L) view with the token axis contiguous, as the kernels want
         xz = (self.in_proj.weight @ hidden.reshape(-1, dim).transpose(0, 1)).view(-1, batch, seqlen).transpose(0, 1)
         x, z = xz.chunk(2, dim=1)
@@ -167,8 +160,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden, residual=None):
-        ops = get_ops(self.mixer.kernel)
-        hidden, residual = ops.rms_norm(self.drop_path(hidden) if residual is not None else hidden,
+        hidden, residual = self.mixer.backend.ops.rms_norm(self.drop_path(hidden) if residual is not None else hidden,
                                         self.norm.weight, None, residual=residual, eps=self.norm.eps,
                                         prenorm=True, residual_in_fp32=True)
         return self.mixer(hidden), residual
@@ -202,7 +194,7 @@ class VisionMamba(nn.Module):
         bimamba, self.flip_sequence, self.paired_blocks = BIDIRECTIONAL[bidirectional]
         if self.paired_blocks and depth % 2:
             raise VimexpError(f"bidirectional='block' pairs layers: depth must be even, got {depth}")
-        self.kernel = resolve_kernel(kernel)
+        self.backend = backend(kernel)
         self.pool, self.flip_prob, self.num_classes, self.embed_dim = pool, flip_prob, num_classes, embed_dim
         self.num_features = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
@@ -221,12 +213,18 @@ class VisionMamba(nn.Module):
         dpr = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
         self.layers = nn.ModuleList(
             Block(embed_dim, VimMixer(embed_dim, d_state, expand=expand, bimamba=bimamba, divide_out=divide_out,
-                                      kernel=self.kernel, strict_kernel=kernel != "auto", recompute=recompute),
+                                      kernel=self.backend, recompute=recompute),
                   dpr[i], norm_eps)
             for i in range(depth))
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(embed_dim, norm_eps)
+        reduction = self.patch_embed.img_size[0] // self.patch_embed.grid_size[0]
+        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self._init_weights(depth)
+
+    @property
+    def kernel(self) -> str:
+        return self.backend.name
 
     def _init_weights(self, depth):
         lecun_normal_(self.patch_embed.proj.weight)
@@ -277,15 +275,16 @@ class VisionMamba(nn.Module):
             for k in range(i, i + step):
                 if k in out_indices:
                     taken[k] = (residual + hidden).flip(1) if flip else residual + hidden
-        ops = get_ops(self.kernel)
-        x = ops.rms_norm(self.drop_path(hidden), self.norm_f.weight, None, residual=residual, eps=self.norm_f.eps,
+        x = self.backend.ops.rms_norm(self.drop_path(hidden), self.norm_f.weight, None, residual=residual, eps=self.norm_f.eps,
                          prenorm=False, residual_in_fp32=True)
         return (x.flip(1) if flip else x), taken
 
     # ----- timm-style interface
     def forward_features(self, x):
         """Pooled features (batch, D); with pool='max' all tokens (batch, L, D), max-pooled after the head."""
-        x, _ = self._run_layers(self._tokens(x))
+        return self._pool(self._run_layers(self._tokens(x))[0])
+
+    def _pool(self, x):
         if self.pool in ("head", "middle"):
             return x[:, self.cls_positions()[0]]
         if self.pool == "double":
@@ -299,13 +298,18 @@ class VisionMamba(nn.Module):
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x, indices):
-        """Token states (residual + mixer output) after the blocks in `indices`, class tokens removed, as
-        (batch, D, H, W) maps for dense-prediction necks."""
-        _, taken = self._run_layers(self._tokens(x), out_indices=set(indices))
+    def forward_intermediates(self, x, indices: int | list[int] | None = None, intermediates_only: bool = False):
+        """timm's interface for dense necks: the token states (residual + mixer output) after the layers in
+        `indices` (an int n: the last n), class tokens removed, as (batch, D, H, W) maps; with the final features
+        (as forward_features) first unless `intermediates_only`."""
+        depth = len(self.layers)
+        indices = list(range(depth - indices, depth)) if isinstance(indices, int) else \
+            list(range(depth)) if indices is None else [i % depth for i in indices]
+        final, taken = self._run_layers(self._tokens(x), out_indices=set(indices))
         keep = [i for i in range(self.pos_embed.shape[1]) if i not in self.cls_positions()]
         gh, gw = self.patch_embed.grid_size
-        return [taken[i][:, keep].transpose(1, 2).reshape(x.shape[0], -1, gh, gw) for i in indices]
+        maps = [taken[i][:, keep].transpose(1, 2).reshape(x.shape[0], -1, gh, gw) for i in indices]
+        return maps if intermediates_only else (self._pool(final), maps)
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -17,10 +17,16 @@ Everything runs channel-last, (batch*L, channels): `bimixer_channel_last` / `Seq
   the adjoint walked back, carried between chunks as the states are (a first pass of chunk aggregates);
 - `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is recomputed, not kept).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
-to: experiments/results/fused_scan/NOTES.md (H200, bf16: Vim-S training 2.25x the mamba-ssm path, Vim-Ti inference
-at 1248 px 1.55-1.66x). The first training design, associative scans over channel-major tiles, ran at 0.4x and was
-deleted after 603f838; NOTES.md keeps its measurements.
+to: docs/optimisation.md (H200, bf16: Vim-S training 2.25x the mamba-ssm path, Vim-Ti inference at 1248 px
+1.55-1.66x). The first training design, associative scans over channel-major tiles, ran at 0.4x and was deleted
+after 603f838; docs/optimisation.md keeps its measurements.
+
+Block sizes: every launch takes a `Blocks` (`blocks=`), by default the tuned one (`tuned()`: the tables SEQ, SEQ_LONG,
+SEQ_BWD, CONV_BLOCK, CONV_DPRE). A sweep passes its own (`with_blocks(seq_bwd=dict(BD=32))`, as
+`python -m vimexp.bench bench=mixer bench.sweep=true` does) instead of writing into the tuned tables.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -307,33 +313,67 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
         tl.atomic_add(DDTB + d * E + e, dbias_acc, mask=e_ok, sem="relaxed")
 
 
-# Blocks of the channel-last kernels, by H100 and H200 sweeps (bench_mixer): channels a program, tokens a chunk
+# ------------------------------------------------------------------------------------------------------ blocks
+# Blocks of the channel-last kernels, by H100 and H200 sweeps (python -m vimexp.bench bench=mixer bench.sweep=true):
+# channels a program, tokens a chunk. The tuned values: read them, pass a Blocks to try others (with_blocks).
 SEQ = dict(BD=64, CL=256, num_warps=1)  # sequences of one chunk
 SEQ_LONG = dict(BD=32, CL=256, num_warps=1)  # longer ones (two passes): more, smaller programs ran 8% faster
 SEQ_BWD = dict(BD=64, num_warps=1)  # _scan_seq_bwd (chunks as the forward's): 8-33% faster than 32 (H200 sweeps)
+CONV_BLOCK = dict(BE=32, BT=64)  # _conv_fwd, _conv_bwd_dx: channels and tokens a program
+CONV_DPRE = dict(BE=32, BT=16, SEG=256, num_warps=4)  # _conv_bwd_dpre: SEG tokens a program, in tiles of BT
 
 
-def seq_config(length):
-    return SEQ if length <= SEQ["CL"] else SEQ_LONG
+class Blocks(NamedTuple):
+    """The block configuration of every kernel launch (Triton constexprs and launch options)."""
+    seq: dict  # _scan_seq at one chunk (length <= CL): BD, CL, num_warps
+    seq_long: dict  # _scan_seq at several chunks (two passes): BD, CL, num_warps
+    seq_bwd: dict  # _scan_seq_bwd: BD, num_warps (its chunks are the forward's)
+    conv: dict  # _conv_fwd, _conv_bwd_dx: BE, BT
+    conv_dpre: dict  # _conv_bwd_dpre: BE, BT, SEG, num_warps
 
 
-def _seq_launch(batch, length, e, backward=False):
+def tuned() -> Blocks:
+    """The tuned blocks (the tables above, read at the call)."""
+    return Blocks(SEQ, SEQ_LONG, SEQ_BWD, CONV_BLOCK, CONV_DPRE)
+
+
+def with_blocks(base: Blocks | None = None, **tables: dict) -> Blocks:
+    """`base` (default: the tuned blocks) with some entries of some tables replaced, in new dicts:
+    with_blocks(seq_bwd=dict(BD=32)) is the tuned configuration with the backward scan at 32 channels a program."""
+    base = base or tuned()
+    return base._replace(**{name: {**getattr(base, name), **values} for name, values in tables.items()})
+
+
+def seq_table(length: int, blocks: Blocks | None = None) -> str:
+    """Which table the forward scan of this length reads: 'seq' (one chunk) or 'seq_long'."""
+    return "seq" if length <= (blocks or tuned()).seq["CL"] else "seq_long"
+
+
+def seq_config(length, blocks: Blocks | None = None) -> dict:
+    """The forward scan's blocks at this length."""
+    blocks = blocks or tuned()
+    return getattr(blocks, seq_table(length, blocks))
+
+
+def _seq_launch(batch, length, e, backward=False, blocks: Blocks | None = None):
     """(kernel options, chunk length, number of chunks, grid) of the channel-last scan kernels."""
-    cfg = dict(seq_config(length))
+    blocks = blocks or tuned()
+    cfg = dict(seq_config(length, blocks))
     cl = cfg.pop("CL")
     if backward:
-        cfg = dict(SEQ_BWD)
+        cfg = dict(blocks.seq_bwd)
     nc = triton.cdiv(length, cl)
     return cfg, cl, nc, (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
 
 
-def scan_seq(xc, bc, dt, z, A, D, dt_bias, batch):
+# ------------------------------------------------------------------------------------------------------ launch
+def scan_seq(xc, bc, dt, z, A, D, dt_bias, batch, blocks: Blocks | None = None):
     """Both passes of _scan_seq over channel-last inputs: xc and dt (2, batch*L, E), B and C side by side in float32
     bc (2, batch*L, 2N), z a (batch*L, E) view with row stride 2E. Returns y2 (batch*L, 2E), SiLU(z) y_d of both
     directions side by side, and the chunk end states and summed deltas the backward starts from."""
     bl, e, n = xc.shape[1], xc.shape[2], A.shape[-1]
     length = bl // batch
-    cfg, cl, nc, grid = _seq_launch(batch, length, e)
+    cfg, cl, nc, grid = _seq_launch(batch, length, e, blocks=blocks)
     y2 = torch.empty(bl, 2 * e, device=xc.device, dtype=xc.dtype)
     hc = torch.empty(2, batch, nc, n, e, device=xc.device, dtype=torch.float32)
     sc = torch.empty(2, batch, nc, e, device=xc.device, dtype=torch.float32)
@@ -347,24 +387,25 @@ class SeqMixerFn(torch.autograd.Function):
     """xz (batch*L, 2E) -> y2 (batch*L, 2E): SiLU(z) y_d of both directions side by side, channel-last."""
 
     @staticmethod
-    def forward(ctx, xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias):
+    def forward(ctx, xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, blocks=None):
+        blocks = blocks or tuned()
         dtype, e, r = xz.dtype, xz.shape[1] // 2, dt_proj_w.shape[-1]
-        xc = conv_forward(xz, conv_w, conv_b, batch)
+        xc = conv_forward(xz, conv_w, conv_b, batch, blocks)
         x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
         dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
         bc = x_dbl[..., r:].float().contiguous()  # float32 B, C: the scan loads them every step, bf16 costs unpacking
-        y2, hc, sc = scan_seq(xc, bc, dt, xz[:, e:], A, D, dt_bias, batch)
+        y2, hc, sc = scan_seq(xc, bc, dt, xz[:, e:], A, D, dt_bias, batch, blocks)
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc)
-        ctx.batch = batch
+        ctx.batch, ctx.blocks = batch, blocks
         return y2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy2):
         xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc = ctx.saved_tensors
-        batch, dtype, (bl, e2) = ctx.batch, xz.dtype, xz.shape
+        batch, blocks, dtype, (bl, e2) = ctx.batch, ctx.blocks, xz.dtype, xz.shape
         length, e, r, n, k = bl // batch, e2 // 2, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
-        xc = conv_forward(xz, conv_w, conv_b, batch)  # recomputed, as dt is
+        xc = conv_forward(xz, conv_w, conv_b, batch, blocks)  # recomputed, as dt is
         wdt = dt_proj_w.to(dtype)
         dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))
         f32 = dict(device=xz.device, dtype=torch.float32)
@@ -372,7 +413,7 @@ class SeqMixerFn(torch.autograd.Function):
         dbc, dz = torch.zeros(2, bl, 2 * n, **f32), torch.zeros(bl, e, **f32)
         at = A.transpose(1, 2).contiguous()
         dat, dD, ddt_bias = torch.zeros_like(at), torch.zeros_like(D), torch.zeros_like(dt_bias)
-        cfg, cl, nc, grid = _seq_launch(batch, length, e, backward=True)
+        cfg, cl, nc, grid = _seq_launch(batch, length, e, backward=True, blocks=blocks)
         hs = torch.empty(2, bl, n, e, device=xz.device, dtype=torch.float32 if dtype == torch.float32 else dtype)
         gq = torch.empty(2, batch, nc, n, e, **f32)
         hin = torch.empty(2, batch, nc, n, e, **f32) if nc > 1 else gq  # (one chunk: its entering state is zero)
@@ -386,51 +427,51 @@ class SeqMixerFn(torch.autograd.Function):
         dpre = torch.empty(2, bl, e, **f32)
         dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
         dxz = torch.empty_like(xz)
-        _conv_bwd_dpre[_dpre_grid(batch, length, e)](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length, 1, e2,
-                                                     bl * e, 1, e, e, k, triton.next_power_of_2(k), **CONV_DPRE)
-        _conv_bwd_dx[_conv_grid(batch, length, e)](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **CONV_BLOCK)
+        conv, dpre_cfg = blocks.conv, blocks.conv_dpre
+        _conv_bwd_dpre[_dpre_grid(batch, length, e, dpre_cfg)](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length,
+                                                               1, e2, bl * e, 1, e, e, k, triton.next_power_of_2(k),
+                                                               **dpre_cfg)
+        _conv_bwd_dx[_conv_grid(batch, length, e, conv)](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **conv)
         dxz[:, e:] = dz
         return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
-                d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2), dD, ddt_bias)
+                d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2), dD, ddt_bias, None)
 
 
-def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, out_proj_w):
+def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, out_proj_w,
+                         blocks: Blocks | None = None):
     """The whole mixer, channel-last: hidden (batch*L, d_model) -> (batch*L, d_model), for out_proj_w already
     carrying the halving. The two directions' gated outputs sit side by side, (batch*L, 2E), so out_proj sums them
-    in its GEMM (weight [W, W])."""
+    in its GEMM (weight [W, W]). blocks: every kernel's block configuration (default: the tuned one)."""
     xz = F.linear(hidden, in_proj_w.to(hidden.dtype))  # (batch*L, 2E)
     y2 = SeqMixerFn.apply(xz, batch, conv_w.contiguous(), conv_b.contiguous(), x_proj_w, dt_proj_w, A.contiguous(),
-                          D.contiguous(), dt_bias.contiguous())
+                          D.contiguous(), dt_bias.contiguous(), blocks)
     return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(y2.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ conv launch
-CONV_BLOCK = dict(BE=32, BT=64)  # _conv_fwd, _conv_bwd_dx: channels and tokens a program
-CONV_DPRE = dict(BE=32, BT=16, SEG=256, num_warps=4)  # _conv_bwd_dpre: SEG tokens a program, in tiles of BT
+def _conv_grid(batch, length, e, conv: dict):
+    return triton.cdiv(length, conv["BT"]), batch, triton.cdiv(e, conv["BE"])
 
 
-def _conv_grid(batch, length, e):
-    return triton.cdiv(length, CONV_BLOCK["BT"]), batch, triton.cdiv(e, CONV_BLOCK["BE"])
+def _dpre_grid(batch, length, e, conv_dpre: dict):
+    return triton.cdiv(length, conv_dpre["SEG"]), batch, triton.cdiv(e, conv_dpre["BE"])
 
 
-def _dpre_grid(batch, length, e):
-    return triton.cdiv(length, CONV_DPRE["SEG"]), batch, triton.cdiv(e, CONV_DPRE["BE"])
-
-
-def conv_forward(xz, conv_w, conv_b, batch):
+def conv_forward(xz, conv_w, conv_b, batch, blocks: Blocks | None = None):
     """SiLU(conv_d(x)) of both directions, channel-last: xz (batch*L, 2E) -> (2, batch*L, E)."""
+    conv = (blocks or tuned()).conv
     e, bl = conv_w.shape[1], xz.shape[0]
     xc = torch.empty(2, bl, e, device=xz.device, dtype=xz.dtype)
     # strides: x (channel, token), output (direction, channel, token)
-    _conv_fwd[_conv_grid(batch, bl // batch, e)](xz, conv_w, conv_b, xc, bl // batch, 1, 2 * e, bl * e, 1, e, e,
-                                                 conv_w.shape[-1], **CONV_BLOCK)
+    _conv_fwd[_conv_grid(batch, bl // batch, e, conv)](xz, conv_w, conv_b, xc, bl // batch, 1, 2 * e, bl * e, 1, e, e,
+                                                       conv_w.shape[-1], **conv)
     return xc
 
 
-def fits(batch: int, length: int, d_inner: int, d_state: int, dt_rank: int) -> bool:
+def fits(batch: int, length: int, d_inner: int, d_state: int, dt_rank: int, blocks: Blocks | None = None) -> bool:
     """Whether every buffer of the kernels stays within their 32-bit offsets and the batch within a grid axis."""
     bl = batch * length
-    chunks = triton.cdiv(length, seq_config(length)["CL"])
+    chunks = triton.cdiv(length, seq_config(length, blocks)["CL"])
     largest = max(2 * d_inner * bl, 2 * (dt_rank + 2 * d_state) * bl, 2 * d_inner * d_state * bl,  # HS scratch
                   2 * batch * d_inner * d_state * chunks)  # chunk states and adjoints
     return largest < 2 ** 31 and batch * chunks < 2 ** 16

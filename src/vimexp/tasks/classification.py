@@ -11,21 +11,19 @@ from timm.utils import ModelEmaV3
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from vimexp.models import create_model, load_checkpoint
+from vimexp.models.backbone import build_backbone
 from vimexp.tasks.bookkeeping import RunBookkeeping
 
 
 class ClassificationTask(RunBookkeeping, L.LightningModule):
+    kind = "classification"
+
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
-                 mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
-                 mixup_mode: str = "batch", smoothing: float = 0.1, ema_decay: float | None = 0.99996):
+                 monitor: str = "val/acc1", mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0,
+                 mixup_switch_prob: float = 0.5, mixup_mode: str = "batch", smoothing: float = 0.1, ema_decay: float | None = 0.99996):
         super().__init__()
         self.save_hyperparameters()
-        model = dict(model)
-        init_from, init_ignore = model.pop("init_from", None), tuple(model.pop("init_ignore", None) or ())
-        self.model = create_model(**model)
-        if init_from:  # fine-tuning start: vimexp or official weights, pos_embed fitted to this model's grid
-            load_checkpoint(self.model, init_from, ignore=init_ignore)
+        self.model = build_backbone(model)  # init_from: vimexp or official weights, pos_embed fitted to its grid
         self.ema = ModelEmaV3(self.model, decay=ema_decay).requires_grad_(False) if ema_decay else None  # DDP: no grad
         self.mixup = None
         if mixup > 0 or cutmix > 0:

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from vimexp import VimexpError
+from vimexp.models.backbone import num_layers
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float | None, mode: str) -> list[dict]:
@@ -15,7 +16,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
     if mode not in ("official", "intended"):
         raise VimexpError(f"unknown layer_decay_mode {mode!r}: choose official or intended")
     backbone = model.backbone
-    depth = len(getattr(backbone, "layers", None) or backbone.blocks)
+    depth = num_layers(backbone)
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

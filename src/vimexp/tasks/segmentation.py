@@ -10,39 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from vimexp import VimexpError
 from vimexp.data.ade20k import IGNORE
-from vimexp.models import create_model, load_checkpoint
+from vimexp.models.backbone import build_backbone
+from vimexp.models.dense.segmentation import SegmentationModel
 from vimexp.tasks.bookkeeping import RunBookkeeping, save_preview
-from vimexp.tasks.necks import SimpleFeaturePyramid, intermediate_maps
 from vimexp.tasks.optim import dense_optimizers
-from vimexp.tasks.seg_heads import FCNHead, SegmenterHead, UperNetHead
-
-
-class Segmenter(nn.Module):
-    def __init__(self, backbone: nn.Module, num_classes: int, decoder: str = "upernet", out_indices=(5, 11, 17, 23),
-                 channels: int = 192, aux_channels: int = 256, aux_convs: int = 2, aux_index: int = 2,
-                 segmenter_depth: int = 2):
-        super().__init__()
-        self.backbone, self.decoder, self.out_indices, self.aux_index = backbone, decoder, tuple(out_indices), aux_index
-        dim = backbone.embed_dim
-        if decoder == "upernet":
-            self.neck = SimpleFeaturePyramid(dim)
-            self.decode_head = UperNetHead([dim] * 4, channels, num_classes)
-            self.aux_head = FCNHead(dim, aux_channels, num_classes, aux_convs) if aux_channels else None
-        elif decoder == "segmenter":
-            self.decode_head = SegmenterHead(dim, num_classes, depth=segmenter_depth)
-            self.aux_head = None
-        else:
-            raise VimexpError(f"unknown decoder {decoder!r}: choose upernet or segmenter")
-
-    def forward(self, x) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits at the decoder's stride (4 for UperNet, 16 for Segmenter), and the auxiliary head's (or None)."""
-        if self.decoder == "segmenter":
-            return self.decode_head(intermediate_maps(self.backbone, x, self.out_indices[-1:])[0]), None
-        maps = self.neck(intermediate_maps(self.backbone, x, self.out_indices))
-        aux = self.aux_head(maps[self.aux_index]) if self.aux_head is not None and self.training else None
-        return self.decode_head(maps), aux
 
 
 def slide_logits(net, image: torch.Tensor, num_classes: int, crop: int, stride: int) -> torch.Tensor:
@@ -69,20 +41,16 @@ def _starts(size: int, crop: int, stride: int) -> list[int]:
 
 
 class SegmentationTask(RunBookkeeping, L.LightningModule):
+    kind = "segmentation"
+
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
-                 decoder: str = "upernet", out_indices=(5, 11, 17, 23), channels: int = 192, aux_channels: int = 256,
-                 aux_convs: int = 2, aux_weight: float = 0.4, segmenter_depth: int = 2, crop_size: int = 512,
+                 monitor: str = "val/mIoU", decoder: str = "upernet", out_indices=(5, 11, 17, 23), channels: int = 192,
+                 aux_channels: int = 256, aux_convs: int = 2, aux_weight: float = 0.4, segmenter_depth: int = 2, crop_size: int = 512,
                  slide_stride: int = 341, num_preview: int = 4):
         super().__init__()
         self.save_hyperparameters()
-        model = dict(model)
-        init_from, init_ignore = model.pop("init_from", None), tuple(model.pop("init_ignore", None) or ())
-        if model["name"].startswith("vim"):  # no class token in a segmentation backbone (official: if_cls_token=False)
-            model["pool"] = "mean"
-        backbone = create_model(**{**model, "img_size": crop_size, "num_classes": 0})
-        if init_from:  # a classification checkpoint: its head is left out, pos_embed fitted to the crop
-            load_checkpoint(backbone, init_from, ignore=("head.", *init_ignore))
-        self.model = Segmenter(backbone, num_classes, decoder, out_indices, channels, aux_channels, aux_convs,
+        backbone = build_backbone(model, dense=True, img_size=crop_size)
+        self.model = SegmentationModel(backbone, num_classes, decoder, out_indices, channels, aux_channels, aux_convs,
                                segmenter_depth=segmenter_depth)
         self.metrics = nn.ModuleDict({
             "mIoU": MulticlassJaccardIndex(num_classes, ignore_index=IGNORE, average="macro"),

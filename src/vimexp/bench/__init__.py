@@ -1,0 +1,44 @@
+"""Every benchmark behind one command line, `python -m vimexp.bench bench=<name> [key=value ...]` (conf/bench.yaml,
+conf/bench/<name>.yaml); `bench.tool` picks the module that runs it:
+
+    bench=fig1|fig3_4|train|train_hier   backbones: throughput and peak memory vs resolution (vimexp.bench.backbones)
+    bench=mixer [bench.sweep=true]       the bimamba v2 mixer alone, fused against mamba-ssm (vimexp.bench.mixer)
+    bench=ddp bench.devices=2            data-parallel training: scaling, 1-vs-N-GPU equivalence (vimexp.bench.ddp)
+    bench=speedup                        the README's speed-up figure, from two runs' results.csv (vimexp.bench.plots)
+
+One timing loop and GPU spin-up for all of them (vimexp.bench.timing); each record carries vimexp.record.environment
+(device, driver, versions, date, commit) and the command that made it.
+"""
+import importlib
+
+import torch
+
+from vimexp import VimexpError
+
+TOOLS = ("backbones", "mixer", "ddp", "plots")
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: the GPU if torch sees one, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def command(*overrides: str) -> str:
+    """The command line of this run: `python -m vimexp.bench` and the Hydra overrides it was given (or `overrides`)."""
+    if not overrides:
+        from hydra.core.hydra_config import HydraConfig
+        overrides = tuple(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ()
+    return " ".join(["python -m vimexp.bench", *overrides])
+
+
+def run(cfg) -> dict:
+    """Run the benchmark `cfg.bench` names (its `tool`: backbones, the default, mixer, ddp or plots)."""
+    tool = cfg.bench.get("tool", "backbones")
+    if tool not in TOOLS:
+        raise VimexpError(f"unknown bench.tool {tool!r}: choose one of {', '.join(TOOLS)}")
+    return importlib.import_module(f"vimexp.bench.{tool}").run(cfg)
+
+
+def main():
+    from vimexp.cli import cli
+    cli(run, "bench")

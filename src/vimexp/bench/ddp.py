@@ -1,0 +1,192 @@
+"""Data-parallel training on several GPUs of one host, measured through the real CLI (`python -m vimexp.train`):
+
+    python -m vimexp.bench bench=ddp [bench.devices=2] [bench.phases=[throughput,equivalence,multirun]]
+        [bench.record=FILE.json] [bench.train_overrides=[OVERRIDE,...]]
+
+throughput   the same per-device batch on 1 GPU and on N (trainer=ddp): training img/s of the last epoch
+             (results.json, first batch of the epoch excluded, data loading and EMA included);
+             scaling efficiency = N-GPU img/s / (N x 1-GPU img/s).
+equivalence  the same seed and global batch on 1 GPU and on N GPUs (each loads batch / N), with mixup, cutmix and
+             drop path off so that nothing random depends on how a batch is split: final validation accuracy and the
+             weight gap, set beside two 1-GPU runs of the same seed (the run-to-run floor of bf16 and atomics) and
+             a 1-GPU run of another seed (the seed-to-seed spread of the accuracy).
+multirun     a two-job Hydra sweep with trainer=ddp: one run directory, one results.json and one W&B run per job.
+
+The record (bench.record, default out_dir/ddp.json) is merged into an existing file, so the phases can run in
+separate calls. The runs' directories go under bench.work.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from vimexp import VimexpError
+from vimexp.bench import command
+from vimexp.build import build_task
+from vimexp.cli import CONF_DIR
+from vimexp.record import environment, write_json
+
+BASE = ["experiment=imagenet_vim_s", "data=builtin", "data.img_size=224", "trainer.precision=bf16-mixed",
+        "model.kernel=cuda", "logger=csv", "data.num_workers=12"]
+SAME_SPLIT = ["task.mixup=0", "task.cutmix=0", "model.drop_path_rate=0"]  # nothing random that a batch split changes
+
+
+def first_gpus(n: int) -> str:
+    """CUDA_VISIBLE_DEVICES for GPUs 0..n-1."""
+    return ",".join(map(str, range(n)))
+
+
+def train(run_dir: Path, overrides: list[str], gpus: str) -> subprocess.Popen:
+    """Start one training run on the listed GPUs (CUDA_VISIBLE_DEVICES); its log goes to run_dir/stdout.log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "stdout.log", "w")
+    command = [sys.executable, "-m", "vimexp.train", *overrides, f"hydra.run.dir={run_dir}"]
+    print(f"[{time.strftime('%H:%M:%S')}] GPU {gpus}: {' '.join(command[3:])}", flush=True)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus})
+
+
+def wait(*runs: subprocess.Popen):
+    for run in runs:
+        if run.wait() != 0:
+            log = Path(run.args[-1].split("=", 1)[1]) / "stdout.log"
+            sys.exit(f"error: {' '.join(run.args[3:])} failed (exit {run.returncode}); its log: {log}\n"
+                     + log.read_text()[-3000:])
+
+
+def result(run_dir: Path) -> dict:
+    r = json.loads((run_dir / "results.json").read_text())
+    return {k: r[k] for k in ("world_size", "train_img_per_sec", "gpu_peak_gib", "epochs", "wall_seconds")} | {
+        "val_acc1": r["final"].get("val/acc1"), "val_acc1_ema": r["final"].get("val/acc1_ema")}
+
+
+def _model_floats(state_dict: dict) -> dict[str, torch.Tensor]:
+    """The model's floating-point tensors of a task's state dict, in float64."""
+    return {k: v.double() for k, v in state_dict.items() if k.startswith("model.") and v.is_floating_point()}
+
+
+def model_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """The last checkpoint's model weights (float64) and its step."""
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return _model_floats(ckpt["state_dict"]), ckpt["global_step"]
+
+
+def initial_weights(overrides: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """The weights train() starts from: the model built right after seeding, as it does."""
+    cfg = _compose_train([*overrides, f"seed={seed}", "paths.output_dir=."])
+    L.seed_everything(seed, workers=True, verbose=False)
+    return _model_floats(build_task(cfg).state_dict())
+
+
+def _compose_train(overrides: list[str]):
+    """conf/train.yaml with `overrides`, from inside a Hydra job (this benchmark's) or outside one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    if GlobalHydra.instance().is_initialized():  # the bench job's: its search path is CONF_DIR
+        return compose("train", overrides=overrides)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def weight_gap(a: dict, b: dict, init: dict | None = None) -> dict:
+    """How far apart two runs' weights are: relative to the weights, to how far training moved them, and at most."""
+    flat = lambda w: torch.cat([t.flatten() for t in w.values()])  # noqa: E731
+    fa, fb = flat(a), flat(b)
+    gap = {"rel_to_weights": ((fa - fb).norm() / fa.norm()).item(), "max_abs": (fa - fb).abs().max().item(),
+           "worst_tensor_rel": max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)}
+    if init is not None:
+        gap["rel_to_update"] = ((fa - fb).norm() / (fa - flat(init)).norm()).item()
+    return {k: float(f"{v:.3g}") for k, v in gap.items()}
+
+
+def throughput(out: Path, n: int, batch: int, epochs: int, extra: list[str]) -> dict:
+    common = [*BASE, f"trainer.max_epochs={epochs}", *extra]
+    wait(train(out / "tp_1gpu", [*common, f"data.batch_size={batch}"], "0"))
+    wait(train(out / f"tp_{n}gpu", [*common, f"data.batch_size={batch * n}", "trainer=ddp", f"trainer.devices={n}"],
+               first_gpus(n)))
+    one, many = result(out / "tp_1gpu"), result(out / f"tp_{n}gpu")
+    return {"per_device_batch": batch, "epochs": epochs, "one_gpu": one, f"{n}_gpus": many,
+            "scaling_efficiency": round(many["train_img_per_sec"] / (n * one["train_img_per_sec"]), 3)}
+
+
+def equivalence(out: Path, n: int, batch: int, epochs: int, extra: list[str]) -> dict:
+    common = [*BASE, *SAME_SPLIT, f"data.batch_size={batch}", f"trainer.max_epochs={epochs}", *extra]
+    # the 1-GPU runs side by side, the repeat and the other seed sharing a GPU (their speed is not measured here)
+    wait(train(out / "eq_1gpu", [*common, "seed=0"], "0"), train(out / "eq_1gpu_again", [*common, "seed=0"], "1"),
+         train(out / "eq_1gpu_seed1", [*common, "seed=1"], "1"))
+    wait(train(out / f"eq_{n}gpu", [*common, "seed=0", "trainer=ddp", f"trainer.devices={n}"], first_gpus(n)))
+    runs = {name: result(out / name) for name in ("eq_1gpu", f"eq_{n}gpu", "eq_1gpu_again", "eq_1gpu_seed1")}
+    init = initial_weights(common, seed=0)
+    (one, steps), (many, steps_n), (again, _) = (model_weights(out / d)
+                                                 for d in ("eq_1gpu", f"eq_{n}gpu", "eq_1gpu_again"))
+    assert steps == steps_n, (steps, steps_n)
+    return {"global_batch": batch, "epochs": epochs, "steps": steps, "runs": runs,
+            f"weights_1gpu_vs_{n}gpu": weight_gap(one, many, init),
+            "weights_1gpu_vs_1gpu_again": weight_gap(one, again, init),
+            "val_acc1_gap_1gpu_vs_ngpu": round(runs[f"eq_{n}gpu"]["val_acc1"] - runs["eq_1gpu"]["val_acc1"], 2),
+            "val_acc1_gap_seed0_vs_seed1": round(runs["eq_1gpu_seed1"]["val_acc1"] - runs["eq_1gpu"]["val_acc1"], 2)}
+
+
+def multirun(out: Path, n: int, extra: list[str]) -> dict:
+    root = out / "multirun"
+    base = [o for o in BASE if not o.startswith("logger=")]  # W&B (offline) beside the CSV logs
+    command = [sys.executable, "-m", "vimexp.train", "-m", *base, "trainer=ddp", f"trainer.devices={n}",
+               "logger=default", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
+               "+trainer.limit_val_batches=4", "seed=1,2", "data.batch_size=128", *extra]
+    run = subprocess.run(command, cwd=out, env={**os.environ, "VIMEXP_ROOT": str(root), "WANDB_MODE": "offline",
+                                                 "CUDA_VISIBLE_DEVICES": first_gpus(n)},
+                         capture_output=True, text=True)
+    (out / "multirun.log").write_text(run.stdout + run.stderr)
+    if run.returncode != 0:
+        sys.exit(f"error: the multirun failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    sweeps = sorted((root / "logs").glob("*/multirun/*/*"))
+    jobs = [p for p in sweeps if p.is_dir() and (p / ".hydra").is_dir()]
+    return {"command": " ".join(["python -m vimexp.train -m", *command[4:]]),
+            "under_logs": sorted(str(p.relative_to(root / "logs")) for p in root.glob("logs/*/*")),  # one sweep
+            "jobs": [{"dir": p.name, "world_size": json.loads((p / "results.json").read_text())["world_size"],
+                      "wandb_runs": len(list((p / "wandb").glob("offline-run-*"))),
+                      "rank1_log": (p / "run_rank1.log").is_file()} for p in jobs],
+            "sweep_runs_started": run.stdout.count("results in")}
+
+
+PHASES = ("throughput", "equivalence", "multirun")
+
+
+def train_overrides_arg(overrides: list[str]) -> str:
+    """bench.train_overrides as one shell word: a Hydra list of quoted overrides (an unquoted `=` can't be in one)."""
+    return '"bench.train_overrides=[' + ",".join(f"'{o}'" for o in overrides) + ']"'
+
+
+def run(cfg) -> dict:
+    b = cfg.bench
+    phases, extra = list(b.phases), [str(o) for o in b.train_overrides]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise VimexpError(f"unknown bench.phases {unknown}: choose from {', '.join(PHASES)}")
+    if torch.cuda.device_count() < b.devices:
+        raise VimexpError(f"bench.devices={b.devices} needs as many GPUs; this machine has {torch.cuda.device_count()}")
+    work, out = Path(b.work).resolve(), Path(b.record)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(out.read_text()) if out.is_file() else {}
+    record.setdefault("environment", environment(torch.device("cuda")))
+    record["environment"]["gpus"] = torch.cuda.device_count()
+    for phase in phases:
+        started = time.time()
+        if phase == "multirun":
+            record[phase] = multirun(work, b.devices, extra)
+        else:
+            record[phase] = globals()[phase](work, b.devices, b.batch, b.epochs, extra)
+        record[phase]["command"] = record[phase].get("command") or command(
+            "bench=ddp", f"bench.devices={b.devices}", f"bench.phases=[{phase}]", f"bench.batch={b.batch}",
+            f"bench.epochs={b.epochs}", *([train_overrides_arg(extra)] if extra else []))
+        record[phase]["base_overrides"] = BASE
+        record[phase]["seconds"] = round(time.time() - started)
+        write_json(out, record)
+        print(json.dumps({phase: record[phase]}, indent=1), flush=True)
+    print(f"record in {out.resolve()}")
+    return record
