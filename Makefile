@@ -3,7 +3,7 @@
 VENV := .venv
 PY ?= $(VENV)/bin/python
 ENV := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
-.PHONY: help install train test gpu-test gpu-prepare clean-logs table1 table2 table3 table4 table5 table7 fig1 fig3 fig-speedup bench-train bench-train-hier bench-mixer bench-ddp
+.PHONY: help install train test gpu-test gpu-prepare table1 table2 table3 table4 table5 table7 fig1 fig3 fig-speedup bench-train bench-train-hier bench-mixer bench-ddp
 
 help:  ## list targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -52,9 +52,6 @@ bench-ddp:  ## on N GPUs of one host: DDP scaling efficiency, 1-vs-N-GPU equival
 
 fig-speedup:  ## redraw the README's speed-up figure from the kept H200 runs (experiments/results/fused_scan/h200/)
 	$(PY) -m vimexp.bench bench=speedup out_dir=experiments/results/fused_scan/h200 $(BENCH_ARGS)
-
-clean-logs:  ## remove run directories
-	rm -rf logs
 
 gpu-prepare:  ## here, before a device call: stage the kernel bundle and pytest into .device/
 	bash ../shared/device/prepare.sh

@@ -169,3 +169,24 @@ def test_table3_detection_rows_run_through_the_cli(tmp_path):
         assert 0 <= float(rows[label]["AP box (ours)"]) <= 100 and 0 <= float(rows[label]["AP mask (ours)"]) <= 100
         assert rows[label]["APl box (ours)"] == ""  # 64 px scenes hold no large objects: COCOeval has nothing to score
     assert rows["Vim-Ti"]["AP box (paper)"] == "45.7"
+
+
+def test_render_says_what_it_found_and_never_shrinks_a_table(tmp_path):
+    def render_only(*extra):
+        cmd = [sys.executable, "-m", "vimexp.tables", "table4", "--render-only", "--runs", str(tmp_path / "runs"),
+               "--out", str(tmp_path / "out"), *extra]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    (tmp_path / "runs").mkdir()
+    none = render_only()
+    assert none.returncode == 2 and "no finished run of table4 (builtin)" in none.stderr
+    assert not (tmp_path / "out").exists()
+    for i, value in enumerate(("bidir_none", "bidir_ssm")):
+        _record(tmp_path / "runs" / value, "table4", "builtin", "ablation", value, 50.0 + i)
+    two = render_only()
+    assert two.returncode == 0 and "2 of 5 rows found; `make table4` runs the rest" in two.stdout
+    written = (tmp_path / "out" / "table4_builtin.csv").read_text()
+    (tmp_path / "runs" / "bidir_ssm" / "results.json").unlink()
+    fewer = render_only()
+    assert fewer.returncode == 2 and "1 of 5 rows found, but" in fewer.stderr and "not overwritten" in fewer.stderr
+    assert (tmp_path / "out" / "table4_builtin.csv").read_text() == written

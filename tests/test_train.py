@@ -100,9 +100,9 @@ def test_ckpt_path_last_resumes_the_newest_run_of_that_name(tiny_data, tmp_path)
     again = run_cli("train", *common, "trainer.max_epochs=2", "ckpt_path=last", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {first_dir / 'checkpoints' / 'last.ckpt'}" in again.stdout
-    second_dir = max((tmp_path / "logs" / "debug" / "resumable").iterdir())
-    results = json.loads((second_dir / "results.json").read_text())
-    assert results["epochs"] == 2 and torch.load(second_dir / "checkpoints" / "last.ckpt",
+    continued = first_dir  # in its own run directory: its best score, metrics.csv and results.json go on
+    results = json.loads((continued / "results.json").read_text())
+    assert results["epochs"] == 2 and torch.load(continued / "checkpoints" / "last.ckpt",
                                                  weights_only=False)["epoch"] == 1
 
 

@@ -1,12 +1,18 @@
 """Build a run's pieces from its composed config: the datamodule and the task (each config group names its class with
 `_target_`), the loggers and the Lightning Trainer (with atomic checkpoint writes)."""
+import csv
+import errno
 import os
 from importlib.util import find_spec
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
@@ -15,15 +21,25 @@ from vimexp import VimexpError
 
 
 def build_datamodule(cfg, **overrides) -> L.LightningDataModule:
-    return instantiate(cfg.data, seed=cfg.seed, **overrides, _convert_="all")
+    return _instantiate(cfg.data, seed=cfg.seed, **overrides)
 
 
 def build_task(cfg, **overrides) -> L.LightningModule:
     """The task of `cfg.task._target_` around the model, optimizer and scheduler configs (as plain dicts: they are the
     task's hyper-parameters, saved in every checkpoint)."""
     plain = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "optimizer", "scheduler")}
-    return instantiate(cfg.task, **plain, num_classes=cfg.data.num_classes, global_batch_size=cfg.data.batch_size,
-                       **overrides, _convert_="all")
+    return _instantiate(cfg.task, **plain, num_classes=cfg.data.num_classes, global_batch_size=cfg.data.batch_size,
+                        **overrides)
+
+
+def _instantiate(conf, **kwargs):
+    """hydra's instantiate, with the user's error (a VimexpError) passed on as it was, not wrapped in Hydra's."""
+    try:
+        return instantiate(conf, **kwargs, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, VimexpError):
+            raise e.__cause__ from None
+        raise
 
 
 def build_loggers(cfg) -> list:
@@ -36,14 +52,69 @@ def build_loggers(cfg) -> list:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint beside its target and rename it into place: a crash never leaves a truncated file."""
+    """Write each checkpoint beside its target and rename it into place: a crash, a full disk or a failed write never
+    leaves a truncated file, and never replaces the last good one; weights that are not finite are never written."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        bad = next((k for k, v in checkpoint["state_dict"].items()
+                    if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise VimexpError(f"refusing to write {path}: {bad} holds non-finite values (the run diverged); the last "
+                              "good checkpoint stays. Lower optimizer.lr")
+        tmp, out = path.with_name(f".{path.name}.tmp"), None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                out = _KeepsWriteErrors(f)
+                torch.save(checkpoint, out)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+            tmp.unlink(missing_ok=True)
+            cause = out.error if out is not None and out.error is not None else e
+            if not isinstance(cause, OSError):
+                raise
+            why = errno.errorcode.get(cause.errno, "error") if cause.errno else type(cause).__name__
+            raise VimexpError(f"can't write checkpoint {path}: {cause.strerror or cause} ({why}); free space or fix "
+                              "the permissions there, or set paths.log_dir; the last good checkpoint stays") from None
+
+
+class _KeepsWriteErrors:
+    """A file for torch.save that remembers the OS error behind a failed write, which torch reports as a RuntimeError
+    without it."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger deletes an existing metrics.csv (with a warning on every new run); a resumed run appends to
+    it instead, keeping its earlier rows and columns."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> "_AppendingWriter":
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self):
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
 
 
 def build_trainer(cfg, callbacks=(), loggers=()) -> L.Trainer:

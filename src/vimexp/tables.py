@@ -142,6 +142,18 @@ def render(table: dict, preset: str, results: dict) -> tuple[str, list[dict]]:
     return "\n".join(lines) + "\n", rows
 
 
+def filled(rows: list[dict]) -> int:
+    """Rows with at least one value of ours (rendered, or read back from a table's CSV)."""
+    return sum(any(v not in (None, "", "cited") for k, v in r.items() if k.endswith("(ours)")) for r in rows)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m vimexp.tables", description=__doc__.split("\n")[0])
     p.add_argument("table", help="table1, table4, table5, ... (experiments/<table>.yaml)")
@@ -168,8 +180,18 @@ def main(argv=None):
             run_missing(table, args.preset, args.runs, args.overrides, args.force,
                         args.rows.split(",") if args.rows else None, args.tasks.split(",") if args.tasks else None)
         markdown, rows = render(table, args.preset, find_results(args.runs, table, args.preset))
-        args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"{args.table}_{args.preset}"
+        found, total = filled(rows), sum(not r.get("cited") for r in table["rows"])
+        if not found:
+            raise VimexpError(f"no finished run of {args.table} ({args.preset}) under {args.runs}: `make {args.table}` "
+                              "runs them, or point --runs at where they are")
+        before = filled(_read_csv(stem.with_suffix(".csv")))
+        if found < before:
+            raise VimexpError(f"{found} of {total} rows found, but {stem}.csv has {before}: not overwritten (point "
+                              "--runs at all the runs, or --out elsewhere)")
+        if found < total:
+            print(f"{found} of {total} rows found; `make {args.table}` runs the rest")
+        args.out.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".md").write_text(markdown)
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, list(rows[0]))

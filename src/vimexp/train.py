@@ -1,45 +1,31 @@
 """Train a model: `python -m vimexp.train [experiment=...] [ablation=...] [key=value ...]` (see conf/train.yaml)."""
+import os
+import shlex
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+from filelock import FileLock, Timeout
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import open_dict
 
 from vimexp import VimexpError
 from vimexp.build import build_datamodule, build_loggers, build_task, build_trainer
+from vimexp.callbacks import BatchSeed, CheckpointOnSignal, SaveConfig
 from vimexp.cli import cli
 from vimexp.models.checkpoint import check_compatible, read_checkpoint
 from vimexp.record import run_record, write_json
 
 
-class EpochSeed(L.Callback):
-    """Reseed every RNG at each epoch's first batch from (seed, epoch): mixup and drop path of an epoch then don't
-    depend on what ran before it (the data loader's start-up draws included), so a run resumed at an epoch boundary
-    continues exactly. Data order and augmentation are seeded per sample by the datamodule."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == 0:
-            L.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
-
-
-class SaveConfig(L.Callback):
-    """Keep the run's resolved config in every checkpoint, so that eval (and a reader) know what made the weights."""
-
-    def __init__(self, cfg):
-        run = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # composed in-process, cfg has it
-        self.config = OmegaConf.to_container(run, resolve=True)
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint["vimexp_config"] = self.config
-
-
 def resolve_ckpt_path(cfg) -> str | None:
+    """The checkpoint to resume from: ckpt_path as given, the newest last.ckpt of this run_name for `last`, or (with
+    none given) the run directory's own last.ckpt: a requeued or re-run job picks up where it stopped."""
     in_place = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if cfg.ckpt_path is None and in_place.is_file():  # a requeued job (SLURM preemption, time limit) picks up its run
+    if cfg.ckpt_path is None and in_place.is_file():
         print(f"resuming from {in_place} (this run directory already holds a last.ckpt)")
         return str(in_place)
     if cfg.ckpt_path != "last":
@@ -51,29 +37,78 @@ def resolve_ckpt_path(cfg) -> str | None:
     if not found:
         raise VimexpError(f"ckpt_path=last: no last.ckpt under {runs}/*/checkpoints: nothing to resume for "
                           f"run_name={cfg.run_name}")
-    print(f"resuming from {found[-1]}")
+    run_dir = found[-1].parents[1]
+    print(f"resuming from {found[-1]}, in its run directory {run_dir}")
+    with open_dict(cfg):  # continue there: its best score, metrics.csv and results.json go on
+        cfg.paths.output_dir = str(run_dir)
     return str(found[-1])
+
+
+def check_resumable(path: str):
+    """Fail now, with the way out, on a checkpoint that can't be read (a crash mid-write of an older vimexp)."""
+    try:
+        return read_checkpoint(path)
+    except VimexpError as e:
+        other = [p for p in sorted(Path(path).parent.glob("*.ckpt")) if str(p) != str(path)]
+        hint = f"; resume from another checkpoint instead: ckpt_path={other[-1]}" if other else ""
+        raise VimexpError(f"{e}{hint}") from None
+
+
+@contextmanager
+def run_directory_lock(out: Path):
+    """One process a run directory: a second one aimed at it is refused. The OS drops the lock with its process, so
+    a killed run leaves no stale lock. Rank 0 holds it; DDP's other ranks share the directory."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    lock, owner = FileLock(out / ".lock"), out / ".lock.pid"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = owner.read_text().strip() if owner.is_file() else "?"
+        raise VimexpError(f"run directory {out} is in use by another process (pid {pid}): wait for it to end, or "
+                          "start this run elsewhere (a new run directory is the default)") from None
+    owner.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues this run in its own directory."""
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if not o.startswith(("ckpt_path=", "hydra.run.dir=", "sweep_id="))]
+    return shlex.join([Path(sys.executable).name, "-m", "vimexp.train", *overrides, f"hydra.run.dir={out}"])
 
 
 def train(cfg) -> dict:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.paths.output_dir)
-    task = build_task(cfg)
+    finished = Path(cfg.paths.output_dir) / "results.json"
+    if cfg.ckpt_path is None and finished.is_file():  # a re-run sweep: this job is done
+        print(f"already finished: {finished} (skipped; to train again, start a new run directory)")
+        return {"skipped": True, "output_dir": str(finished.parent)}
     ckpt_path = resolve_ckpt_path(cfg)
-    if ckpt_path:  # fail now, not after the data is set up, when the checkpoint is another model's
-        check_compatible(task, read_checkpoint(ckpt_path)["state_dict"])
-    datamodule = build_datamodule(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [EpochSeed(cfg.seed), SaveConfig(cfg)]
-    trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    record = run_record(cfg, task, trainer, started)
-    if trainer.is_global_zero:
-        write_json(out / "results.json", record)
-        monitor = cfg.task.get("monitor", "val/acc1")
-        best = record["best"].get(monitor)
-        print(f"results in {out.resolve()} (results.json, checkpoints/, metrics.csv)"
-              + (f": best {monitor} {best:.2f}%" if best is not None else ""))
+    out = Path(cfg.paths.output_dir)
+    with run_directory_lock(out):
+        task = build_task(cfg)
+        if ckpt_path:  # fail now, not after the data is set up, when the checkpoint is another model's
+            check_compatible(task, check_resumable(ckpt_path)["state_dict"])
+        datamodule = build_datamodule(cfg)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+        callbacks += [BatchSeed(cfg.seed), SaveConfig(cfg), CheckpointOnSignal(resume_command(out))]
+        trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        record = run_record(cfg, task, trainer, started)
+        if trainer.is_global_zero:
+            write_json(out / "results.json", record)
+            monitor = task.hparams.monitor
+            best = record["best"].get(monitor)
+            print(f"results in {out.resolve()} (results.json, checkpoints/, metrics.csv)"
+                  + (f": best {monitor} {best:.2f}%" if best is not None else ""))
     return record
 
 

@@ -1,5 +1,9 @@
 """What every datamodule shares: per-sample seeded augmentation, and loaders that shard themselves over processes."""
+import atexit
+import itertools
+import multiprocessing
 import random
+import signal
 from contextlib import contextmanager
 
 import lightning as L
@@ -52,24 +56,44 @@ class EpochIndexSampler(torch.utils.data.Sampler):
 
     The salt is (-1, -1), unless `rank` is given for a sampler that yields an image more than once per epoch (repeated
     augmentation): then it is (rank, position), so that each copy is augmented differently. Only ints: their hash is
-    the same in every process (None's is not, before Python 3.12).
+    the same in every process (None's is not, before Python 3.12). `skip` leaves out the first indices of `epoch`
+    (a run resumed within it); a new epoch starts from its first.
     """
 
-    def __init__(self, sampler, rank: int | None = None):
-        self.sampler, self.epoch, self.rank = sampler, 0, rank
+    def __init__(self, sampler, rank: int | None = None, epoch: int = 0, skip: int = 0):
+        self.sampler, self.rank, self.epoch, self.skip = sampler, rank, None, skip
+        self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int):
+        if epoch != self.epoch and self.epoch is not None:
+            self.skip = 0
         self.epoch = epoch
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        if self.rank is None:
-            return ((i, self.epoch, (-1, -1)) for i in self.sampler)
-        return ((i, self.epoch, (self.rank, pos)) for pos, i in enumerate(self.sampler))
+        epoch, keys = self.epoch, enumerate(self.sampler)
+        for pos, i in itertools.islice(keys, self.skip, None):
+            yield (i, epoch, (-1, -1) if self.rank is None else (self.rank, pos))
 
     def __len__(self):
         return len(self.sampler)
+
+
+def _leave_stop_signals_to_the_main_process(worker_id: int):
+    """SLURM sends SIGTERM to every process of a job, a terminal Ctrl-C to every process in the foreground: the loader
+    workers ignore them (and SIGUSR1), so that the main process can finish its step and write a checkpoint before it
+    shuts them down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register  # runs before multiprocessing's exit handler (registered earlier), which SIGTERMs them and waits
+def _end_loader_workers():
+    """Loader workers still alive at exit (a run that failed) ignore SIGTERM: end them with SIGKILL."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class ShardedDataModule(L.LightningDataModule):
@@ -91,25 +115,38 @@ class ShardedDataModule(L.LightningDataModule):
     def _loader(self, dataset, train, sampler=None):
         h = self.hparams
         batch = self.per_device_batch if train or self.val_batch_size is None else self.val_batch_size
-        return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None,
-                          sampler=sampler, num_workers=h.num_workers, pin_memory=h.pin_memory and torch.cuda.is_available(),
-                          drop_last=train, persistent_workers=False,
-                          collate_fn=self.collate_fn)
+        return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None, sampler=sampler,
+                          num_workers=h.num_workers, pin_memory=h.pin_memory and torch.cuda.is_available(),
+                          drop_last=train, persistent_workers=False, collate_fn=self.collate_fn,
+                          worker_init_fn=_leave_stop_signals_to_the_main_process)
 
     @property
     def _world(self) -> tuple[int, int]:
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
 
+    def _resume_position(self, batches_per_epoch: int) -> tuple[int, int]:
+        """(epoch, batches of it already trained) where fit starts: (0, 0), or where a resumed run's checkpoint was
+        written, mid-epoch included (Lightning restores its loop counters before it asks for the loaders)."""
+        if self.trainer is None:
+            return 0, 0
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        limit = self.trainer.limit_train_batches
+        n = min(batches_per_epoch, limit) if isinstance(limit, int) else int(batches_per_epoch * limit)
+        return divmod(done, n) if n else (0, 0)
+
     def train_dataloader(self):
         world, rank = self._world
         if self.hparams.get("repeated_aug") and world > 1:  # DeiT's repeated augmentation (distributed only)
             sampler = RepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, num_repeats=3)
-            return self._loader(self.train_set, True, EpochIndexSampler(sampler, rank=rank))
-        # One permutation per (seed, epoch), dealt round-robin: global batch k holds the same images on any number of
-        # processes, and a resumed run sees the same batches as a straight one.
-        sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=self.hparams.seed, drop_last=True)
-        return self._loader(self.train_set, True, EpochIndexSampler(sampler))
+        else:
+            # One permutation per (seed, epoch), dealt round-robin: global batch k holds the same images on any number
+            # of processes, and a resumed run sees the same batches as a straight one.
+            sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                          seed=self.hparams.seed, drop_last=True)
+            rank = None
+        epoch, done = self._resume_position(len(sampler) // self.per_device_batch)
+        keys = EpochIndexSampler(sampler, rank=rank, epoch=epoch, skip=done * self.per_device_batch)
+        return self._loader(self.train_set, True, keys)
 
     def val_dataloader(self):
         world, rank = self._world

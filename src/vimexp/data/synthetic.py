@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vimexp import VimexpError
+
 # Sorted alphabetically so torchvision's ImageFolder (which sorts directory names) assigns
 # index k to CLASSES[k]; the directory names are exactly these strings.
 CLASSES: tuple[str, ...] = (
@@ -188,6 +190,10 @@ def _lock(root: Path):
 def _write_atomically(root: Path, meta: dict, fill) -> Path:
     """Write a dataset into a temporary sibling with `fill(tmp)`, then the metadata file (its presence marks a complete
     dataset), then rename it into place. Call with the lock held."""
+    if root.exists() and not (root / META_FILE).is_file() and any(p.is_file() for p in root.rglob("*")):
+        raise VimexpError(f"data.root {root} holds files the built-in generator did not write: it replaces only its own "
+                          "datasets. For your data choose its config (data=imagenet, data=ade20k or data=coco) or set "
+                          "data.generate=false")
     # Leftovers of interrupted runs are safe to delete: we hold the lock, so nobody is writing them.
     for stale in root.parent.glob(f".{root.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)

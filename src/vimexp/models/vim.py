@@ -170,6 +170,11 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, embed_dim=192):
         super().__init__()
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if any(s < patch_size or (s - patch_size) % stride for s in self.img_size):
+            fit = max((img_size if isinstance(img_size, int) else self.img_size[0]) - patch_size, 0) // stride * stride
+            raise VimexpError(f"img_size {img_size} is not covered by patches of {patch_size} px every {stride} px "
+                              f"(the last pixels would be cropped): use img_size={fit + patch_size} or "
+                              f"{fit + patch_size + stride}")
         self.grid_size = tuple((s - patch_size) // stride + 1 for s in self.img_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)

@@ -19,8 +19,9 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
     kind = "classification"
 
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
-                 monitor: str = "val/acc1", mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0,
-                 mixup_switch_prob: float = 0.5, mixup_mode: str = "batch", smoothing: float = 0.1, ema_decay: float | None = 0.99996):
+                 *, monitor: str, mixup: float, cutmix: float, mixup_prob: float, mixup_switch_prob: float,
+                 mixup_mode: str, smoothing: float, ema_decay: float | None):
+        """The recipe's knobs (keyword arguments) have their defaults in conf/task/classification.yaml."""
         super().__init__()
         self.save_hyperparameters()
         self.model = build_backbone(model)  # init_from: vimexp or official weights, pos_embed fitted to its grid
@@ -97,7 +98,7 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
         if not self.trainer.sanity_checking:
             self.history.append({"epoch": self.current_epoch, **metrics})
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def on_before_zero_grad(self, optimizer):
+        # right after each optimizer step (once per accumulated batch), before any callback saves a checkpoint
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        super().on_train_batch_end(outputs, batch, batch_idx)

@@ -35,9 +35,10 @@ class DetectionTask(RunBookkeeping, L.LightningModule):
     kind = "detection"
 
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
-                 monitor: str = "val/box_AP", size: int = 1024, channels: int = 256,
-                 anchor_sizes=(32, 64, 128, 256, 512), fc_dim: int = 1024, roi_per_image: int = 512, rpn_pre_nms=(2000, 1000), rpn_post_nms=(1000, 1000),
-                 score_thresh: float = 0.05, detections_per_img: int = 100, num_preview: int = 4):
+                 *, monitor: str, size: int, channels: int, anchor_sizes: list[int], fc_dim: int, roi_per_image: int,
+                 rpn_pre_nms: list[int], rpn_post_nms: list[int], score_thresh: float, detections_per_img: int,
+                 num_preview: int):
+        """The recipe's knobs (keyword arguments) have their defaults in conf/task/detection.yaml."""
         super().__init__()
         self.save_hyperparameters()
         backbone = build_backbone(model, dense=True, img_size=size)

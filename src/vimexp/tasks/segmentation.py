@@ -44,9 +44,10 @@ class SegmentationTask(RunBookkeeping, L.LightningModule):
     kind = "segmentation"
 
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
-                 monitor: str = "val/mIoU", decoder: str = "upernet", out_indices=(5, 11, 17, 23), channels: int = 192,
-                 aux_channels: int = 256, aux_convs: int = 2, aux_weight: float = 0.4, segmenter_depth: int = 2, crop_size: int = 512,
-                 slide_stride: int = 341, num_preview: int = 4):
+                 *, monitor: str, decoder: str, out_indices: list[int], channels: int, aux_channels: int,
+                 aux_convs: int, aux_weight: float, segmenter_depth: int, crop_size: int, slide_stride: int,
+                 num_preview: int):
+        """The recipe's knobs (keyword arguments) have their defaults in conf/task/segmentation.yaml."""
         super().__init__()
         self.save_hyperparameters()
         backbone = build_backbone(model, dense=True, img_size=crop_size)

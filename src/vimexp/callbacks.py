@@ -1,0 +1,132 @@
+"""What keeps a long run trustworthy, as Lightning callbacks: RNG streams that depend only on the position in training
+(so a resumed run draws what a straight one does), the run's config in every checkpoint, a stop on divergence, and a
+checkpoint on preemption (SIGTERM, SIGUSR1) or Ctrl-C."""
+import signal
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+import torch
+from omegaconf import OmegaConf
+
+from vimexp import VimexpError
+
+
+class BatchSeed(L.Callback):
+    """Reseed every RNG before each training batch from (seed, epoch, batch): mixup and drop path then depend on where
+    training is, not on what ran before (loader start-up, a restart), so a run resumed at any step continues exactly.
+    Data order and augmentation are seeded per sample by the datamodule."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        L.seed_everything(hash((self.seed, trainer.current_epoch, batch_idx)) % 2**32, workers=True, verbose=False)
+
+
+class SaveConfig(L.Callback):
+    """Keep the run's resolved config in every checkpoint, so that eval (and a reader) know what made the weights."""
+
+    def __init__(self, cfg):
+        run = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # composed in-process, cfg has it
+        self.config = OmegaConf.to_container(run, resolve=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["vimexp_config"] = self.config
+
+
+class StopOnDivergence(L.Callback):
+    """A non-finite loss or gradient norm (on any rank) stops the run with a one-line error naming the step, before the
+    optimizer applies it, so last.ckpt keeps the last good weights. `max_skips` lets that many bad steps pass without
+    an update first (bf16 spikes). Under fp16 loss scaling, inf gradients are the scaler's to skip."""
+
+    def __init__(self, max_skips: int = 0):
+        self.max_skips, self.skipped = max_skips, 0
+        self._bad = None
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        bad = ~torch.isfinite(loss.detach())  # kept on the device: one sync a step, in on_before_optimizer_step
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        bad_loss = self._bad if self._bad is not None else torch.zeros((), dtype=torch.bool, device=pl_module.device)
+        self._bad = None
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        scaled = str(trainer.precision).startswith("16")
+        norm = torch.nn.utils.get_total_norm(grads) if grads and not scaled else None
+        bad = bad_loss | (~torch.isfinite(norm) if norm is not None else False)
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad.float(), reduce_op="max") > 0
+        if not bad.item():
+            return
+        what = "loss" if bad_loss.item() else "gradient norm"
+        if self.skipped < self.max_skips:
+            self.skipped += 1
+            for p in pl_module.parameters():
+                p.grad = None  # the optimizer leaves parameters without gradients alone
+            rank_zero_info(f"step {trainer.global_step}: non-finite {what}, update skipped ({self.skipped} of "
+                           f"callbacks.divergence.max_skips={self.max_skips})")
+            return
+        raise VimexpError(f"training diverged at step {trainer.global_step} (epoch {trainer.current_epoch}): "
+                          f"non-finite {what}; checkpoints/last.ckpt holds the last good weights. Lower optimizer.lr, "
+                          "or let bad steps pass with callbacks.divergence.max_skips=K")
+
+    def state_dict(self):
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict):
+        self.skipped = state_dict["skipped"]
+
+
+class RunInterrupted(VimexpError):
+    """A run stopped on a signal after writing a resumable checkpoint; exits with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class CheckpointOnSignal(L.Callback):
+    """SIGTERM and SIGUSR1 (what SLURM sends before it preempts or times out a job) and Ctrl-C: finish the step, write
+    checkpoints/last.ckpt (every rank agrees on when), and stop with the command that resumes. A second Ctrl-C
+    stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, resume_command: str = ""):
+        self.resume_command, self.received, self._previous = resume_command, None, {}
+
+    def setup(self, trainer, pl_module, stage):
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the signals to whoever owns them
+                return
+
+    def teardown(self, trainer, pl_module, stage):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        # Lightning notes SIGTERM too, and would end the run without a checkpoint and with status 0 at its next check
+        self._trainer._signal_connector.received_sigterm = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        signum = self.received or signal.SIGTERM  # another rank got it
+        path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        name = signal.Signals(signum).name
+        raise RunInterrupted(f"stopped by {name} at step {trainer.global_step}, checkpoint {path} written; "
+                             f"resume with: {self.resume_command}", signum)
