@@ -16,6 +16,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str | None:
+    """The checkout's commit (-dirty with local changes); VIMEXP_COMMIT wins, for a copy of the tree whose .git is
+    stale or missing (a GPU node the tree was copied to)."""
+    if os.environ.get("VIMEXP_COMMIT"):
+        return os.environ["VIMEXP_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=40"],
                              capture_output=True, text=True, timeout=10)
