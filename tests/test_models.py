@@ -140,3 +140,16 @@ def test_deit_randaugment_runs_on_current_pillow():
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     assert NAME_TO_OP["PosterizeIncreasing"](img, 0).getextrema() == ((0, 0),) * 3
     assert NAME_TO_OP["PosterizeIncreasing"](img, 4).getpixel((0, 0)) == (192, 96, 48)
+
+
+def test_timm_creates_the_vims_by_its_names():
+    import timm
+    assert set(timm.list_models("vim*")) >= {"vim_tiny_patch16_224", "vim_small_patch16_224", "vim_base_patch16_224"}
+    torch.manual_seed(0)
+    via_timm = timm.create_model("vim_small_patch16_224", num_classes=10, depth=2, img_size=64, kernel="torch")
+    torch.manual_seed(0)
+    ours = create_model("vim_s", num_classes=10, depth=2, img_size=64, kernel="torch")
+    assert via_timm.state_dict().keys() == ours.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(via_timm.state_dict().values(), ours.state_dict().values()))
+    with pytest.raises(VimexpError, match="no weights to download"):
+        timm.create_model("vim_tiny_patch16_224", pretrained=True)

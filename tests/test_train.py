@@ -1,4 +1,5 @@
 """The framework through its real configs and CLI: every experiment runs, runs leave a full record, resume is exact."""
+import csv
 import json
 from pathlib import Path
 
@@ -145,3 +146,28 @@ def test_eval_takes_the_model_and_data_from_the_checkpoint(tiny_data, tmp_path):
     trained = json.loads((run_dir / "results.json").read_text())
     assert evaluated["params"] == trained["params"]  # the 3-layer width-24 model, not the default vim_nano
     assert evaluated["final"]["val/acc1"] == pytest.approx(trained["final"]["val/acc1"], abs=1e-6)
+
+
+def test_gradient_accumulation_scales_the_lr_by_the_images_of_a_step(tiny_data, tmp_path):
+    """lr x (data.batch_size x trainer.accumulate_grad_batches) / 512, as the batch of an optimizer step is."""
+    run = run_cli("train", "debug=limit", *data_overrides(tiny_data), *TINY_RUN, "trainer.accumulate_grad_batches=2",
+                  "run_name=accum", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = next((tmp_path / "logs" / "debug" / "accum").iterdir())
+    lrs = [float(r["train/lr"]) for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get("train/lr")]
+    assert lrs and lrs[0] == pytest.approx(8e-3 * 16 * 2 / 512)  # experiment=builtin's lr, batch 16, 2 accumulated
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4  # 3 batches an epoch (debug=limit): steps after the 2nd and the 3rd, 2 epochs
+
+
+def test_wandb_gets_the_whole_run_config(tiny_data, tmp_path, monkeypatch):
+    import wandb
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_cfg(["debug=limit", "logger=default", *data_overrides(tiny_data), *TINY_RUN], tmp_path)
+    train(cfg)
+    try:
+        logged = dict(wandb.run.config)
+        assert logged["data"]["batch_size"] == 16 and logged["seed"] == 0 and logged["trainer"]["max_epochs"] == 2
+        assert logged["model"]["depth"] == 2  # and the task's own arguments, as before
+    finally:
+        wandb.finish()

@@ -67,9 +67,11 @@ class StopOnDivergence(L.Callback):
             rank_zero_info(f"step {trainer.global_step}: non-finite {what}, update skipped ({self.skipped} of "
                            f"callbacks.divergence.max_skips={self.max_skips})")
             return
+        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint was written"
         raise VimexpError(f"training diverged at step {trainer.global_step} (epoch {trainer.current_epoch}): "
-                          f"non-finite {what}; checkpoints/last.ckpt holds the last good weights. Lower optimizer.lr, "
-                          "or let bad steps pass with callbacks.divergence.max_skips=K")
+                          f"non-finite {what}; {kept}. Lower optimizer.lr, or let bad steps pass with "
+                          "callbacks.divergence.max_skips=K")
 
     def state_dict(self):
         return {"skipped": self.skipped}

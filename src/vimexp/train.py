@@ -98,9 +98,12 @@ def train(cfg) -> dict:
         if ckpt_path:  # fail now, not after the data is set up, when the checkpoint is another model's
             check_compatible(task, check_resumable(ckpt_path)["state_dict"])
         datamodule = build_datamodule(cfg)
+        saved = SaveConfig(cfg)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-        callbacks += [BatchSeed(cfg.seed), SaveConfig(cfg), CheckpointOnSignal(resume_command(out))]
+        callbacks += [BatchSeed(cfg.seed), saved, CheckpointOnSignal(resume_command(out))]
         trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
+        for logger in trainer.loggers:  # the whole run's config (W&B, hparams.yaml), not only the task's arguments
+            logger.log_hyperparams(saved.config)
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         record = run_record(cfg, task, trainer, started)
         if trainer.is_global_zero:

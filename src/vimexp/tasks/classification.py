@@ -70,7 +70,8 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
     # ----- optimisation: DeiT's recipe through timm
     def configure_optimizers(self):
         o, s = self.hparams.optimizer, self.hparams.scheduler
-        lr = o["lr"] * self.hparams.global_batch_size / 512 if o.get("scale_lr", True) else o["lr"]
+        batch = self.hparams.global_batch_size * self.trainer.accumulate_grad_batches  # images an optimizer step
+        lr = o["lr"] * batch / 512 if o.get("scale_lr", True) else o["lr"]
         # no weight decay on 1-d params (norms, biases, D) and model.no_weight_decay(); 2-d A_log IS decayed (official)
         optimizer = create_optimizer_v2(self.model, opt=o["name"], lr=lr, weight_decay=o["weight_decay"],
                                         eps=o.get("eps", 1e-8), betas=tuple(o.get("betas", (0.9, 0.999))),

@@ -56,7 +56,8 @@ def dense_optimizers(task) -> dict:
     """configure_optimizers of a dense task (its `model` has a `backbone`): AdamW over param_groups, and the
     scheduler config's per-iteration schedule (name poly or multistep)."""
     o, s = task.hparams.optimizer, task.hparams.scheduler
-    lr = o["lr"] * task.hparams.global_batch_size / o["base_batch"] if o.get("scale_lr") else o["lr"]
+    batch = task.hparams.global_batch_size * task.trainer.accumulate_grad_batches  # images an optimizer step
+    lr = o["lr"] * batch / o["base_batch"] if o.get("scale_lr") else o["lr"]
     groups = param_groups(task.model, lr, o["weight_decay"], o.get("layer_decay"), o.get("layer_decay_mode", "official"))
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.get("betas", (0.9, 0.999))))
     total, name = task.trainer.estimated_stepping_batches, s.get("name", "poly")

@@ -1,0 +1,1 @@
+"""Dense-prediction models on a plain backbone: feature pyramids, segmentation heads, Cascade Mask R-CNN."""
