@@ -5,8 +5,8 @@ import signal
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 
 from vimexp import VimexpError
