@@ -1,15 +1,16 @@
-# make help: list targets. The first `make train` or `make test` creates .venv and installs into it (CPU torch pinned,
-# vimexp editable with its test extras); PY=python3 runs with an environment of yours instead.
+# make help: list targets. The first `make train` or `make test` creates .venv and installs into it (torch pinned: on
+# Linux PyPI's CUDA build, ~5.8 GB; TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU-only one; vimexp
+# editable with its test extras); PY=python3 runs with an environment of yours instead.
 VENV := .venv
 PY ?= $(VENV)/bin/python
 ENV := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
-.PHONY: help install train test gpu-test gpu-prepare table1 table2 table3 table4 table5 table7 fig1 fig3 fig-speedup bench-train bench-train-hier bench-mixer bench-ddp
+.PHONY: help install train test gpu-test gpu-prepare table1 table2 table3 table4 table5 table7 parity fig1 fig3 fig-speedup bench-train bench-train-hier bench-mixer bench-ddp
 
 help:  ## list targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-install:  ## install into PY's environment: CPU torch pinned, vimexp editable with test extras
-	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+install:  ## install into PY's environment: torch pinned (TORCH_INDEX: another wheel index), vimexp editable with test extras
+	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[dev]"
 
 $(VENV)/.installed: pyproject.toml
@@ -24,13 +25,16 @@ train: $(ENV)  ## the main job: a small Vim on the built-in dataset (CPU, a few 
 test: $(ENV)  ## the CPU test suite (what CI runs)
 	$(PY) -m pytest -q -m "not gpu"
 
-gpu-test:  ## on a CUDA machine with mamba-ssm: GPU tests, cuda-vs-torch comparison JSON in experiments/results/
-	$(PY) -m pytest -q -m gpu tests/test_gpu.py
+gpu-test:  ## on a CUDA machine: GPU tests (those against mamba-ssm skip without it; JSON in experiments/results/), then the fused kernels' tests natively
+	$(PY) -m pytest -q -rP tests/test_gpu.py tests/test_fused_mixer.py
 
 PRESET ?= builtin
 TABLE_ARGS ?=
 table1 table2 table3 table4 table5 table7: $(ENV)  ## a paper table: run its missing rows, render experiments/results/<table>_$(PRESET).md (PRESET=builtin|paper)
 	$(PY) -m vimexp.tables $@ --preset $(PRESET) $(TABLE_ARGS)
+
+parity: $(ENV)  ## rewrite docs/parity.md: Tables 1-3's settings, official vs the composed configs (experiments/parity.yaml)
+	$(PY) -m vimexp.parity
 
 fig1:  ## Figure 1 on the GPU: Vim-Ti vs DeiT-Ti inference throughput and memory vs resolution
 	$(PY) -m vimexp.bench bench=fig1 $(BENCH_ARGS)

@@ -15,7 +15,9 @@ def _check_one_line_error(run, *fragments):
 
 
 def _no_results(tmp_path):
+    """No results.json, and no run directory at all (nor W&B run in it): the run failed before it saved anything."""
     assert not list(tmp_path.glob("logs/**/results.json"))
+    assert not list(tmp_path.glob("logs/*/*/*")), sorted(map(str, tmp_path.glob("logs/*/*/*")))
 
 
 @pytest.fixture
@@ -66,4 +68,4 @@ def test_checkpoint_of_another_model(tiny_data, tmp_path):
     run = run_cli("train", "debug=limit", *data_overrides(tiny_data), *TINY_RUN, "++model.embed_dim=48",
                   f"ckpt_path={ckpt}", "run_name=b", cwd=tmp_path)
     _check_one_line_error(run, "does not fit the model", "[")
-    assert not list(tmp_path.glob("logs/debug/b/**/results.json"))
+    assert not list(tmp_path.glob("logs/debug/b/*"))  # no run directory: it failed before it saved anything

@@ -3,6 +3,7 @@ written, OOM handling, every bench config wired to its tool, the mixer sweep's b
 arguments. No timing is asserted: only that the harness produces complete, well-formed records."""
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -34,6 +35,9 @@ def test_bench_cli_on_cpu(name, res, tmp_path):
         assert len(list(csv.DictReader(f))) == 2 * n_res
     assert "vim / deit_eager img/s" in (tmp_path / "ratios.md").read_text()
     assert len(list(tmp_path.glob("*.png"))) == 1  # one figure per (batch, precision)
+    n = 2 * n_res  # the bar over the configurations on stderr, with the ETA; their lines on stdout as before
+    assert re.search(rf"bench: 100%\|.*\| {n}/{n} \[\d\d:\d\d<00:00, ", run.stderr)
+    assert sum(line.startswith(("vim ", "deit_eager ")) for line in run.stdout.splitlines()) == n
 
 
 def test_pyramid_gives_strides_4_to_32():

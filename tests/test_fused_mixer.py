@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 from vimexp import VimexpError  # noqa: E402
 from vimexp.models import create_model  # noqa: E402
 from vimexp.models.vim import VimMixer  # noqa: E402
-from vimexp.ops import KernelBackend, fused_mixer  # noqa: E402
+from vimexp.ops import KernelBackend, cuda_unavailable_reason, fused_mixer  # noqa: E402
 
 # Without a GPU, tests/conftest.py has set TRITON_INTERPRET=1 (Triton's CPU interpreter) before torch loaded.
 
@@ -77,35 +77,51 @@ def test_fused_without_gpu_says_why():
         create_model("vim_nano", kernel="fused")
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "fused"), ((8, 0), "cuda")])
-def test_auto_runs_the_triton_mixer_on_hopper_only(monkeypatch, capability, expected):
-    """The policy behind kernel=auto: the Triton mixer where it was measured faster, training and inference (sm_90)."""
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend to be a CUDA machine of a given compute capability, with or without mamba-ssm."""
     import vimexp.ops as ops
-    monkeypatch.setattr(ops, "cuda_unavailable_reason", lambda: None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
-    assert ops.resolve_kernel("auto") == expected
+
+    def make(capability, mamba=True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+        monkeypatch.setattr(ops, "cuda_unavailable_reason", lambda: None if mamba else "import mamba_ssm failed")
+        return ops
+    return make
+
+
+@pytest.mark.parametrize("capability, mamba, expected", [((9, 0), True, "fused"), ((8, 0), True, "cuda"),
+                                                         ((9, 0), False, "fused"), ((8, 0), False, "fused"),
+                                                         ((7, 5), True, "cuda"), ((7, 5), False, "torch")])
+def test_auto_policy(gpu, capability, mamba, expected):
+    """kernel=auto: the Triton kernels where they were measured faster (sm_90) and wherever mamba-ssm is missing
+    (8.0+); mamba-ssm on the other GPUs; PyTorch on an old GPU without it."""
+    assert gpu(capability, mamba).resolve_kernel("auto") == expected
+
+
+def test_fused_needs_no_mamba_ssm(gpu):
+    ops = gpu((9, 0), mamba=False)
     assert ops.resolve_kernel("fused") == "fused"
+    with pytest.raises(VimexpError, match=r"kernel='cuda' can't run: import mamba_ssm failed; use `pip install"):
+        ops.resolve_kernel("cuda")
 
 
-def test_fused_on_an_old_gpu_says_why(monkeypatch):
-    import vimexp.ops as ops
-    monkeypatch.setattr(ops, "cuda_unavailable_reason", lambda: None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (7, 5))
+def test_fused_on_an_old_gpu_says_why(gpu):
     with pytest.raises(VimexpError, match=r"kernel='fused_inference' can't run: its Triton kernels need compute"):
-        ops.resolve_kernel("fused_inference")
+        gpu((7, 5)).resolve_kernel("fused_inference")
 
 
-def test_state_size_the_kernels_cannot_tile():
+@pytest.mark.parametrize("mamba, reference", [(True, "cuda"), (False, "torch")])
+def test_state_size_the_kernels_cannot_tile(gpu, mamba, reference):
+    gpu((9, 0), mamba)
     with pytest.raises(VimexpError, match="power-of-two d_state, not 12"):
         VimMixer(8, d_state=12, kernel=KernelBackend("fused"))
-    assert VimMixer(8, d_state=12, kernel=KernelBackend("fused_inference")).kernel == "cuda"  # falls back quietly
-    assert VimMixer(8, d_state=12, kernel=KernelBackend("fused", strict=False)).kernel == "cuda"  # as auto's does
+    assert VimMixer(8, d_state=12, kernel=KernelBackend("fused_inference")).kernel == reference  # quietly
+    assert VimMixer(8, d_state=12, kernel=KernelBackend("fused", strict=False)).kernel == reference  # as auto's does
 
 
-def test_auto_falls_back_to_mamba_ssm_where_triton_cannot_build(monkeypatch):
-    import vimexp.ops as ops
-    monkeypatch.setattr(ops, "cuda_unavailable_reason", lambda: None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+def test_auto_falls_back_to_mamba_ssm_where_triton_cannot_build(gpu, monkeypatch):
+    ops = gpu((9, 0))
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(ops.shutil, "which", lambda name: None)
     assert ops.resolve_kernel("auto") == "cuda"
@@ -131,15 +147,150 @@ def test_softplus_keeps_its_digits_far_below_zero():
     assert ((y.double().cpu() - expected).abs() / expected / (1 + x.double().cpu().abs())).max() < 2.5e-7
 
 
-def test_size_guard_counts_every_buffer():
-    assert fused_mixer.fits(128, 197, 768, 16, 24)
-    assert not fused_mixer.fits(1000, 1025, 768, 64, 24)  # the state checkpoints overflow first at d_state 64
-    assert not fused_mixer.fits(65536, 17, 384, 16, 12)  # more programs than a grid axis takes
+def test_launch_size_counts_every_buffer():
+    assert fused_mixer.max_batch(197, 768, 16, 24) >= 128  # Vim-B training at 224 px: one launch
+    assert fused_mixer.max_batch(6085, 384, 16, 12) == 2 ** 31 // (2 * 384 * 16 * 6085)  # 1248 px: the scratch
+    assert fused_mixer.max_batch(2, 16, 16, 1) == 2 ** 16 - 1  # tiny mixers: the grid axis
+
+
+@pytest.mark.parametrize("max_elements, max_grid", [(2 * 16 * 16 * 19 * 2 + 1, 2 ** 16 - 1), (2 ** 31 - 1, 11)])
+def test_batch_too_large_for_one_launch_runs_as_several(small_blocks, monkeypatch, max_elements, max_grid):
+    """A batch beyond the 32-bit offsets (or the grid) runs fused in sub-batches, and gives the one-launch numbers."""
+    ref, fused = _mixers(d_model=8)
+    x = torch.randn(5, 19, 8, dtype=torch.float64, requires_grad=True)
+    xf = x.detach().float().to(DEVICE).requires_grad_()
+    expected = ref(x)
+    expected.square().sum().backward()
+    monkeypatch.setattr(fused_mixer, "MAX_ELEMENTS", max_elements)
+    monkeypatch.setattr(fused_mixer, "MAX_GRID_AXIS", max_grid)
+    assert fused_mixer.max_batch(19, 16, 16, 1) == 2  # 5 = 2 + 2 + 1
+    out = fused(xf)
+    out.square().sum().backward()
+    assert max(rel(out, expected), rel(xf.grad, x.grad), rel(fused.A_log.grad, ref.A_log.grad)) <= TOL
 
 
 def test_no_second_derivative_through_hand_written_gradients(small_blocks):
     _, fused = _mixers()
     x = torch.randn(1, 5, 8, device=DEVICE, requires_grad=True)
     (gx,) = torch.autograd.grad(fused(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         gx.sum().backward()
+
+
+# ------------------------------------------------------------------- the Triton add + RMSNorm, the ops, the model
+@pytest.mark.parametrize("residual, prenorm, residual_in_fp32", [(True, True, True), (False, True, True),
+                                                                 (True, False, True), (False, False, False)])
+def test_rms_norm_matches_float64_reference(residual, prenorm, residual_in_fp32):
+    """vimexp::rms_norm (float32 kernels) against the PyTorch norm in float64: outputs and every gradient."""
+    from vimexp.ops.fused_norm import rms_norm_triton
+    from vimexp.ops.norm import rms_norm_torch
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 7, 24, dtype=torch.float64), torch.randn(2, 7, 24, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(24, dtype=torch.float64)
+    grads = torch.randn(2, 2, 7, 24, dtype=torch.float64)
+    results = {}
+    for name, norm, dtype in (("triton", rms_norm_triton, torch.float32), ("ref", rms_norm_torch, torch.float64)):
+        device = DEVICE if name == "triton" else "cpu"
+        inputs = [t.to(device, dtype).requires_grad_() for t in (x, r if residual else None, w) if t is not None]
+        xi, ri, wi = inputs if residual else (inputs[0], None, inputs[1])
+        outs = norm(xi, wi, residual=ri, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
+        outs = outs if prenorm else (outs,)
+        sum((o * g.to(o)).sum() for o, g in zip(outs, grads)).backward()
+        results[name] = [o.detach() for o in outs] + [t.grad for t in inputs]
+    assert len(results["triton"]) == (2 if prenorm else 1) + (3 if residual else 2)
+    errors = [rel(a, b) for a, b in zip(results["triton"], results["ref"])]
+    assert max(errors) < 1e-5, errors
+
+
+def test_custom_ops_pass_torch_opcheck(small_blocks):
+    """Schema, fake (meta) implementation, autograd registration and torch.compile tracing of the fused ops."""
+    from vimexp.ops.fused_norm import _rms_norm
+    x, w = torch.randn(5, 16, device=DEVICE, requires_grad=True), torch.randn(16, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(_rms_norm, (x, None, w, 1e-5, True))
+    torch.library.opcheck(_rms_norm, (x, torch.randn(5, 16, device=DEVICE), w, 1e-5, True))
+    _, fused = _mixers(d_model=4)
+    m, batch, length = fused, 2, 7
+    e = m.in_proj.out_features // 2
+    pair = lambda a, b: torch.stack([a, b]).detach().requires_grad_()  # noqa: E731
+    args = (torch.randn(batch * length, 2 * e, device=DEVICE, requires_grad=True), batch,
+            pair(m.conv1d.weight.squeeze(1), m.conv1d_b.weight.squeeze(1)), pair(m.conv1d.bias, m.conv1d_b.bias),
+            pair(m.x_proj.weight, m.x_proj_b.weight), pair(m.dt_proj.weight, m.dt_proj_b.weight),
+            pair(-torch.exp(m.A_log), -torch.exp(m.A_b_log)), pair(m.D, m.D_b), pair(m.dt_proj.bias, m.dt_proj_b.bias),
+            "")
+    torch.library.opcheck(fused_mixer._mixer_forward, args, test_utils=("test_schema", "test_faketensor",
+                                                                        "test_autograd_registration"))
+
+
+def _model_pair(**kwargs):
+    torch.manual_seed(0)
+    ref = create_model("vim_nano", kernel="torch", depth=2, embed_dim=16, **kwargs).double().eval()
+    model = create_model("vim_nano", kernel=KernelBackend("fused"), depth=2, embed_dim=16, **kwargs).to(DEVICE)
+    model.load_state_dict(ref.state_dict())
+    return ref, model.eval()
+
+
+def test_whole_model_on_the_fused_path_matches_float64():
+    """Every kernel of a fused Vim (the Triton norms between the Triton mixers): logits and gradients."""
+    ref, model = _model_pair()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref(x).square().sum().backward()
+    out = model(x.float().to(DEVICE))
+    out.square().sum().backward()
+    errors = {"logits": rel(out, ref(x).detach()),
+              **{n: rel(q.grad, p.grad) for (n, p), q in zip(ref.named_parameters(), model.parameters())}}
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and cuda_unavailable_reason() is None,
+                    reason="mamba-ssm is installed: the variant runs on its kernels")
+def test_variant_without_a_triton_kernel_says_so_once(capfd):
+    """bimamba 'none' (Table 4) on kernel=fused without mamba-ssm: plain PyTorch, and one line that says so."""
+    ref, model = _model_pair(bidirectional="none")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel(model(x.to(DEVICE)), ref(x.double())) < TOL
+        model(x.to(DEVICE))
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("note: kernel=fused")]
+    assert len(notes) == 1 and "plain PyTorch" in notes[0], notes
+
+
+def test_export_and_compile_see_the_fused_ops():
+    """torch.export of a fused Vim gives a graph with the ops as single nodes and the eager logits; torch.compile
+    (fullgraph, so a graph break fails) trains through them."""
+    _, model = _model_pair()
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        expected = model(x)
+        exported = torch.export.export(model, (x,))
+        nodes = [str(n.target) for n in exported.graph.nodes]
+        assert nodes.count("vimexp.bimixer_scan.default") == 2 and nodes.count("vimexp.rms_norm.default") == 3
+        assert torch.equal(exported.module()(x), expected)
+    compiled = torch.compile(model.train(), backend="aot_eager", fullgraph=True)
+    compiled(x).square().sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-7) for a, p in zip(eager, model.parameters()))
+
+
+def test_compile_option_compiles_the_model_in_place(tmp_path):
+    """`compile=true`: the task's model is compiled in place, so its checkpoint keys stay the model's own."""
+    from conftest import compose_cfg
+    from vimexp.build import build_task
+    plain, compiled = (build_task(compose_cfg([f"compile={flag}"], tmp_path)) for flag in ("false", "true"))
+    assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_exported_vim_ti_gives_the_eager_logits():
+    """An exported Vim-Ti on the fused kernels (the deployable graph) against the eager model, at its real size."""
+    model = create_model("vim_ti", kernel="fused").cuda().eval()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.export.export(model, (x,)).module()(x)
+    error = rel(got, expected.double().cpu())
+    print(f"exported Vim-Ti vs eager (float32): relative max difference {error:.2e}")
+    assert error <= 1e-6

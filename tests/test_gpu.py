@@ -98,24 +98,32 @@ def test_ablation_variants_agree(variant):
 
 
 @pytest.mark.parametrize("precision", ["float32", "bf16_autocast"])
+@pytest.mark.parametrize("pool", ["middle", "mean"])  # the odd-length rule; every token turned (the dense backbones)
+@pytest.mark.parametrize("kernel", ["fused", "cuda"])
+def test_rope_agrees_with_torch(kernel, pool, precision):  # RoPE between the layers, on every kernel path
+    _compare("vim_ti", precision, kernels=(kernel, "torch"), pool=pool, rope=True, rope_residual=True)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16_autocast"])
 @pytest.mark.parametrize("name", ["vim_ti", "vim_s"])
 def test_fused_mixer_agrees_with_mamba_ssm(name, precision):  # kernel=fused (Triton) against the mamba-ssm path
     _compare(name, precision, kernels=("fused", "cuda"))
 
 
 @pytest.mark.parametrize("precision", ["float32", "bf16_autocast"])
-@pytest.mark.parametrize("name, img_size", [("vim_ti", 224), ("vim_s", 224), ("vim_ti", 1248)])
-def test_fused_inference_agrees_with_mamba_ssm(name, img_size, precision):
+@pytest.mark.parametrize("name, img_size, batch", [("vim_ti", 224, 8), ("vim_s", 224, 8), ("vim_ti", 1248, 2),
+                                                   ("vim_ti", 1248, 64)])  # 64: beyond one launch, runs as three
+def test_fused_inference_agrees_with_mamba_ssm(name, img_size, batch, precision):
     """Eval-mode logits without autograd, where kernel=fused runs its inference kernels."""
     torch.manual_seed(0)
     models = [create_model(name, kernel=k, img_size=img_size).cuda().eval() for k in ("fused", "cuda")]
     models[1].load_state_dict(models[0].state_dict())
-    x = torch.randn(2 if img_size > 224 else 8, 3, img_size, img_size, device="cuda")
+    x = torch.randn(batch, 3, img_size, img_size, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
         logits = [m(x) for m in models]
     err = rel_err(*logits)
-    checks.append({"model": name, "img_size": img_size, "kernels": ["fused", "cuda"], "mode": "inference",
-                   "precision": precision, "logits_rel_err": err})
+    checks.append({"model": name, "img_size": img_size, "batch": batch, "kernels": ["fused", "cuda"],
+                   "mode": "inference", "precision": precision, "logits_rel_err": err})
     assert err <= TOL[precision], err
 
 

@@ -153,6 +153,10 @@ def test_cli_trains_and_records_miou_and_previews(tmp_path):
 
 
 def test_upernet_vim_ti_has_the_official_parameter_count(tmp_path):
+    """seg/tools/analysis_tools/vim-t-upernet.txt counts 12,901,100 parameters for the model it prints: the training
+    config's (one auxiliary conv) with a 64 x 64 pos_embed, i.e. built at 1024 px."""
+    cfg = compose_cfg(["experiment=ade20k_upernet_vim_ti", "data.root=/unused", "model.kernel=torch",
+                       "data.crop_size=1024"], tmp_path)
+    assert build_task(cfg).num_params == 12_901_100
     cfg = compose_cfg(["experiment=ade20k_upernet_vim_ti", "data.root=/unused", "model.kernel=torch"], tmp_path)
-    params = build_task(cfg).num_params  # seg/tools/analysis_tools/vim-t-upernet.txt: 12,901,100
-    assert abs(params - 12_901_100) < 1000, params
+    assert build_task(cfg).num_params == 12_901_100 - (64 * 64 - 32 * 32) * 192  # 512 px: 32 x 32 rows

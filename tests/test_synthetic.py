@@ -1,12 +1,14 @@
 """Built-in synthetic dataset: scene model, ImageFolder writer and its on-disk cache."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from torchvision.datasets import ImageFolder
 
+from conftest import TINY_RUN, run_cli
 from vimexp.data import synthetic
 from vimexp.data.synthetic import CLASSES, ensure_imagefolder, make_scene, write_imagefolder
 
@@ -90,6 +92,16 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch, capsys)
     assert not stale.exists()
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
     assert len(ImageFolder(root / "val")) == 2 * len(CLASSES)
+
+
+def test_a_training_run_that_generates_its_data_shows_a_bar_with_the_eta_on_stderr(tmp_path):
+    params = "{train_per_class:2,val_per_class:1,size:32,seed:0}"
+    run = run_cli("train", "debug=fdr", f"data.root={tmp_path / 'shapes'}", f"data.generate_params={params}",
+                  *TINY_RUN, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "vimexp: generating built-in dataset" in run.stdout and "results in" in run.stdout  # its lines as before
+    assert re.search(r"vimexp: writing images: +0%\|.*\| 0/30 \[00:00<\?", run.stderr)  # no estimate before an image
+    assert re.search(r"vimexp: writing images: 100%\|.*\| 30/30 \[\d\d:\d\d<00:00, [\d.]+img/s\]", run.stderr)
 
 
 @pytest.mark.parametrize("size,max_distractors", [(32, 0), (96, 4)])

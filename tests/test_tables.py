@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,9 @@ def test_two_row_sweep_end_to_end(tiny_data, tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count(" -m vimexp.train -m ") == 1  # one multirun for both rows
+    # a line of the bar over the rows before each training run and one at the end, with the elapsed time and the ETA
+    assert re.search(r"table4 rows: +0%\|.*\| 0/2 \[00:00<\?, \?row/s\]", run.stderr)
+    assert re.search(r"table4 rows: 100%\|.*\| 2/2 \[\d\d:\d\d<00:00,\s+[\d.]+s/row\]", run.stderr)
     jobs = sorted(p for p in (tmp_path / "logs" / "debug" / "multirun").glob("*/*") if p.is_dir())
     assert [j.name.split("_", 1)[1] for j in jobs] == ["builtin-bidir_none", "builtin-bidir_ssm_conv"]
     for job in jobs:
@@ -115,7 +119,8 @@ def test_finetune_stride8_starts_from_a_stride16_checkpoint(tmp_path):
     torch.save({"model": source.state_dict()}, tmp_path / "official.pth")  # the official layout
     cfg = compose_cfg(["experiment=imagenet_vim_ti_ft_stride8", "data.root=/x", "data.img_size=64",
                        "data.num_classes=10", "++model.depth=2", "++model.embed_dim=32", "model.kernel=torch",
-                       f"model.init_from={tmp_path / 'official.pth'}"], tmp_path / "run")
+                       f"model.init_from={tmp_path / 'official.pth'}", "model.init_pos_embed=correct"],
+                      tmp_path / "run")  # the official front-token mode: tests/test_checkpoint_layout.py
     assert (cfg.optimizer.lr * cfg.data.batch_size / 512, cfg.optimizer.weight_decay, cfg.trainer.max_epochs,
             cfg.scheduler.warmup_lr, cfg.scheduler.min_lr, cfg.model.drop_path_rate) == (1e-5, 1e-8, 30, 1e-5, 1e-5, 0)
     model = build_task(cfg).model

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import TINY_RUN, compose_cfg, data_overrides, det_data_overrides, run_cli, seg_data_overrides
+from vimexp.curves import panels, read_metrics
 from vimexp.models import create_model
 from vimexp.cli import CONF_DIR
 from vimexp.train import train
@@ -75,6 +77,7 @@ def _weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from:UserWarning")  # resumed elsewhere on purpose
 def test_resume_continues_exactly(tiny_data, tmp_path):
     common = ["logger=csv", *data_overrides(tiny_data), *TINY_RUN, "++trainer.limit_val_batches=1",
               "scheduler.epochs=2", "task.mixup=0.8", "task.cutmix=1.0", "++model.drop_path_rate=0.1",
@@ -112,7 +115,15 @@ def test_cli_run_leaves_a_complete_record_and_eval_reproduces_it(tiny_data, tmp_
                   "run_name=cli_test", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     run_dir = next((tmp_path / "logs" / "debug" / "cli_test").iterdir())
-    assert f"results in {run_dir.resolve()}" in run.stdout
+    assert run.stdout.strip().splitlines()[-1].startswith("results in ")  # the last line: no W&B summary after it
+    for noise in ("Tip:", "eval mode", "Trainable params", "TPU", "Run summary", "anonymous", "LeafSpec"):
+        assert noise not in run.stdout + run.stderr, noise  # Lightning's and W&B's
+    assert f"results in {run_dir.resolve()} (results.json, curves.png, checkpoints/, metrics.csv)" in run.stdout
+    with Image.open(run_dir / "curves.png") as curves:  # loss, lr, top-1 raw and EMA: three 500 x 380 px panels
+        curves.verify()
+        assert curves.format == "PNG" and curves.size == (1500, 380)
+    drawn = dict(panels(read_metrics(run_dir / "metrics.csv"), "val/acc1"))  # the real run's columns, as named
+    assert drawn["learning rate"] == ["train/lr"] and drawn["val/acc1 (%)"] == ["val/acc1", "val_ema/acc1"]
     results = json.loads((run_dir / "results.json").read_text())
     for key in ("final", "best", "params", "train_img_per_sec", "overrides", "git_commit", "experiment", "wandb_run_id"):
         assert key in results, key

@@ -2,14 +2,18 @@
 `_target_`), the loggers and the Lightning Trainer (with atomic checkpoint writes)."""
 import csv
 import errno
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -27,8 +31,11 @@ def build_task(cfg, **overrides) -> L.LightningModule:
     """The task of `cfg.task._target_` around the model, optimizer and scheduler configs (as plain dicts: they are the
     task's hyper-parameters, saved in every checkpoint)."""
     plain = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "optimizer", "scheduler")}
-    return _instantiate(cfg.task, **plain, num_classes=cfg.data.num_classes, global_batch_size=cfg.data.batch_size,
+    task = _instantiate(cfg.task, **plain, num_classes=cfg.data.num_classes, global_batch_size=cfg.data.batch_size,
                         **overrides)
+    if cfg.get("compile"):  # in place (Module.compile): the state dict keeps its keys, checkpoints stay portable
+        task.model.compile()
+    return task
 
 
 def _instantiate(conf, **kwargs):
@@ -111,10 +118,39 @@ class _AppendingWriter(ExperimentWriter):
                 self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
 
 
+class WandbLogger(LightningWandbLogger):
+    """Lightning's, without the `anonymous=None` it always passes to wandb.init, which wandb (0.31) answers with a
+    deprecation line on every run. Its banner and summary are conf/logger/wandb.yaml's `settings`. Named as Lightning's:
+    record.py and tasks/bookkeeping.py know it by its class name."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._wandb_init.pop("anonymous", None)
+
+
+def quiet_lightning():
+    """Lightning's console noise, filtered where it is made, each by its message: its tips for its cloud products, the
+    TPU line of a machine without one, the count of modules in eval mode (the EMA copy is, by design) and a deprecation
+    inside Lightning 2.6 that torch reports on every run. At Trainer build time, not import time: pytest resets the
+    warning filters after the imports of each test."""
+    warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning,
+                            r"lightning\.pytorch\.loops\.fit_loop")
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+                            r"lightning\.pytorch\.utilities\._pytree")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_lightning_noise)  # added once, however often called
+
+
+def _not_lightning_noise(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(("💡 Tip:", "TPU available: False"))
+
+
 def build_trainer(cfg, callbacks=(), loggers=()) -> L.Trainer:
+    quiet_lightning()
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit owns preemption and timeout requeue; Lightning's own would race it
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=list(callbacks),
-                     logger=list(loggers) or False, plugins=plugins, default_root_dir=cfg.paths.output_dir,
+    options = {"enable_model_summary": False,  # its 15-line table; the parameter count is in results.json
+               **OmegaConf.to_container(cfg.trainer, resolve=True)}
+    return L.Trainer(**options, callbacks=list(callbacks), logger=list(loggers) or False, plugins=plugins,
+                     default_root_dir=cfg.paths.output_dir,
                      use_distributed_sampler=False)  # the datamodule shards its loaders itself

@@ -1,29 +1,100 @@
-"""The command line of every entry point (`python -m vimexp.train|eval|bench`): config choices checked up front, one
-Hydra job per run (isolated from the next job of a multirun), and user errors printed as one line."""
+"""The command line of every entry point (`python -m vimexp.train|eval|bench`): `--help`, config choices checked up
+front, one Hydra job per run (isolated from the next job of a multirun), user errors printed as one line, and no run
+directory left by a run that failed before it saved anything.
+
+torch, Lightning and Hydra are imported inside the functions that use them: `--help` and `python -m vimexp.tables`
+import this module and answer in well under a second."""
 import difflib
 import hashlib
 import inspect
 import os
+import re
+import shutil
 import sys
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
-
-import hydra
-import lightning as L
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
 
 from vimexp import VimexpError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
+GROUPS = {  # conf/<group>/ in --help order, one line each (tests/test_console.py keeps this in step with conf/)
+    "experiment": "the run: a paper row or a built-in job; sets the data, model and recipe",
+    "ablation": "a design variant of Tables 4-5 over the experiment: bidirectional scheme, class token",
+    "recipe": "a recipe variant over the experiment (Appendix B's segmentation and detection settings)",
+    "model": "the backbone and its size: Vim, DeiT, Hier-Vim, Swin (the _nano ones: tiny, for CPU runs)",
+    "data": "the dataset and its pipeline (the builtin ones: generated here, no download)",
+    "task": "what is learned: classification, segmentation (UperNet, Segmenter) or detection",
+    "optimizer": "AdamW, with or without layer-wise lr decay",
+    "scheduler": "the lr schedule, with warmup",
+    "trainer": "Lightning's Trainer: device, precision, epochs, DDP",
+    "callbacks": "checkpoints (best, last, every 10 minutes), the stop on divergence, the progress bar",
+    "logger": "where metrics go: metrics.csv and W&B (offline unless WANDB_API_KEY is set)",
+    "launcher": "where the jobs run: here, or on SLURM",
+    "debug": "quick checks: one batch each (fdr), or a few batches of 2 epochs on the CPU (limit)",
+    "bench": "the benchmark: Figures 1, 3-4, training speed, the mixer kernels, DDP scaling, a plot",
+    "paths": "where data and run directories go (under VIMEXP_ROOT, default the current directory)",
+}
+HIDDEN_GROUPS = ("hydra",)  # Hydra's own settings: --hydra-help
+
+COMMANDS = {  # what each command does, and examples whose choices tests/test_console.py checks
+    "train": ("Train a model. Each run gets a directory, logs/<task_name>/<run_name>/<time>/, for its checkpoints, "
+              "metrics.csv and results.json.",
+              ["python -m vimexp.train                                    # a small Vim on built-in data: CPU, minutes",
+               "python -m vimexp.train experiment=imagenet_vim_ti data.root=/data/imagenet trainer=gpu",
+               "python -m vimexp.train -m ablation=bidir_none,bidir_ssm   # a sweep: one run each",
+               "python -m vimexp.train debug=fdr                          # one batch of each: does it all run?"]),
+    "eval": ("Evaluate a checkpoint: a vimexp .ckpt (its run's config comes with it) or an official .pth; writes "
+             "results.json like a training run.",
+             ["python -m vimexp.eval ckpt_path=logs/train/builtin/<time>/checkpoints/best.ckpt",
+              "python -m vimexp.eval ckpt_path=vim_s_midclstok_80p5acc.pth experiment=imagenet_vim_s "
+              "data.root=/data/imagenet",
+              "python -m vimexp.eval ckpt_path=<file> split=val data.num_workers=4"]),
+    "bench": ("Benchmark backbones and kernels: throughput and peak memory; results.json (and CSV, plots) in the run "
+              "directory.",
+              ["python -m vimexp.bench bench=fig1                # Vim-Ti vs DeiT-Ti inference vs resolution (GPU)",
+               "python -m vimexp.bench bench=mixer bench.sweep=true",
+               "python -m vimexp.bench bench=ddp bench.devices=2",
+               "python -m vimexp.bench bench=speedup out_dir=experiments/results/fused_scan/h200"]),
+}
+
+
+def command_groups(config_name: str) -> list[tuple[str, str | None]]:
+    """The config groups conf/<config_name>.yaml composes, with their defaults, in --help order."""
+    import yaml  # PyYAML, light (omegaconf's own parser)
+    defaults = yaml.safe_load((CONF_DIR / f"{config_name}.yaml").read_text()).get("defaults", [])
+    chosen = dict(next(iter(d.items())) for d in defaults if isinstance(d, dict))
+    return [(g, chosen[g]) for g in GROUPS if g in chosen]
+
+
+def help_page(config_name: str) -> str:
+    """`python -m vimexp.<config_name> --help`: what the command does, its config groups with their choices, examples."""
+    about, examples = COMMANDS[config_name]
+    lines = [f"usage: python -m vimexp.{config_name} [-m] [group=choice ...] [key=value ...]", "",
+             *textwrap.wrap(about, 110), "", "config groups (group=choice; * the default, none where unmarked):"]
+    for group, default in command_groups(config_name):
+        choices = ", ".join(c + "*" * (c == default) for c in group_choices(group))
+        lines += [f"  {group:<11} {GROUPS[group]}",
+                  *textwrap.wrap(choices, 110, initial_indent=" " * 14, subsequent_indent=" " * 14)]
+    lines += ["", "examples:", *(f"  {e}" for e in examples), "",
+              "Any key of the config takes a value too (--cfg job prints them, composed); -m runs one job per value",
+              "of a,b,...; --hydra-help lists Hydra's own options."]
+    return "\n".join(lines)
+
+
+def exit_on_help(config_name: str, module: str = "__main__"):
+    """`--help` / `-h` on the command line of `python -m vimexp.<config_name>`: its page, and exit. Called before torch
+    and Lightning are imported (`module` is the caller's __name__: nothing happens on an import)."""
+    if module == "__main__" and any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(help_page(config_name))
+        sys.exit(0)
+
 
 def setup():
     """What a Hydra run of vimexp needs before composing: the config resolvers, and Lightning's DDP launcher told how
     to start this job's child processes. Idempotent; the CLI calls it, and so can code composing configs itself."""
+    from omegaconf import OmegaConf
     OmegaConf.register_new_resolver("wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"), replace=True)
     OmegaConf.register_new_resolver("name_join", lambda *parts: "-".join(str(p) for p in parts if p), replace=True)
     OmegaConf.register_new_resolver("tags_with", lambda tags, *extra: [*tags, *(e for e in extra if e)], replace=True)
@@ -44,6 +115,7 @@ def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
     Lightning's own command re-runs sys.argv, which under `-m` starts the whole sweep again in every child process
     (lightning-hydra-template #393). Here the child gets the job's overrides and output directory instead.
     """
+    from hydra.core.hydra_config import HydraConfig
     hydra_cfg = HydraConfig.get()
     command = [sys.executable, "-m", f"vimexp.{hydra_cfg.job.config_name}", *hydra_cfg.overrides.task,
                f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"', "hydra.output_subdir=null",
@@ -57,7 +129,8 @@ def group_choices(group: str) -> list[str]:
 
 
 def check_choices(argv: list[str]):
-    """Unknown config-group options (experiment=foo, ablation=a,b, ...) fail in one line, listing the choices."""
+    """Unknown config-group options (experiment=foo, ablation=a,b, ...) fail in one line, naming the nearest choice
+    and listing them all."""
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+")
@@ -65,14 +138,17 @@ def check_choices(argv: list[str]):
             continue
         choices = group_choices(key)
         for option in value.split(","):
-            if option not in choices:
-                raise VimexpError(f"unknown {key} {option!r}: choose one of {', '.join(choices)}")
+            if option not in choices and option != "null":  # null: none (a sweep's row without one)
+                near = difflib.get_close_matches(option, choices, n=1)
+                hint = f" (did you mean {key}={near[0]}?)" if near else ""
+                raise VimexpError(f"unknown {key} {option!r}{hint}: choose one of {', '.join(choices)}")
 
 
 def preflight(config_name: str, argv: list[str]):
     """Before Hydra starts: a key that isn't in the config fails in one line naming the nearest one (Hydra's own hint,
     to add it with +, leads to a traceback later), and so does a log directory that can't be written. Composes the
     config once with the command line's group choices and paths."""
+    from hydra import compose, initialize_config_dir
     pairs = [a.split("=", 1) for a in argv if "=" in a and not a.startswith(("+", "~", "-", "hydra."))]
     choices = [f"{k}={v.split(',')[0]}" for k, v in pairs if ("." not in k and (CONF_DIR / k).is_dir())
                or k.startswith("paths.")]
@@ -83,21 +159,34 @@ def preflight(config_name: str, argv: list[str]):
     if not os.access(existing, os.W_OK):
         raise VimexpError(f"can't write run directories under {log_dir}: {existing} is read-only or not writable; set "
                           "paths.log_dir=... (or VIMEXP_ROOT) to a writable place")
-    for key in (k for k, _ in pairs if "." in k):
-        parts = key.split(".")
-        for depth in range(1, len(parts) + 1):
-            parent = OmegaConf.select(cfg, ".".join(parts[:depth - 1])) if depth > 1 else cfg
-            if not isinstance(parent, DictConfig) or parts[depth - 1] in parent.keys():  # `in` skips ??? values
-                continue
-            near = difflib.get_close_matches(parts[depth - 1], [str(k) for k in parent], n=1)
-            hint = f"did you mean {'.'.join([*parts[:depth - 1], near[0]])}?" if near else \
-                f"the keys there are {', '.join(map(str, parent))}"
-            raise VimexpError(f"unknown config key {key}: {hint} (to add a new key on purpose: +{key}=...)")
+    groups = [g for g, _ in command_groups(config_name)]
+    for key in (k for k, _ in pairs if "/" not in k and not (CONF_DIR / k).is_dir()):  # a/b: Hydra's groups
+        _check_key(cfg, key, groups)
+
+
+def _check_key(cfg, key: str, groups: list[str]):
+    """`key` names a node of `cfg`, or fails naming the nearest one (a config group counts at the top level)."""
+    from omegaconf import DictConfig, OmegaConf
+    parts = key.split(".")
+    for depth in range(1, len(parts) + 1):
+        parent = OmegaConf.select(cfg, ".".join(parts[:depth - 1])) if depth > 1 else cfg
+        if not isinstance(parent, DictConfig) or parts[depth - 1] in parent.keys():  # `in` skips ??? values
+            continue
+        names = [str(k) for k in parent] + (groups if depth == 1 else [])
+        near = difflib.get_close_matches(parts[depth - 1], names, n=1)
+        hint = f"did you mean {'.'.join([*parts[:depth - 1], near[0]])}?" if near else \
+            f"the keys there are {', '.join(map(str, parent))}"
+        what = "config group or key" if depth == 1 == len(parts) else "config key"
+        raise VimexpError(f"unknown {what} {key}: {hint} (to add a new key on purpose: +{key}=...)")
 
 
 def check_values(cfg):
     """What no option can mean, refused before any data is touched: sizes and counts, and keyword arguments of the
     Trainer, the task and the datamodule that their classes don't take (a `+key=` misspelt)."""
+    import lightning as L
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
     def positive(key, allow=()):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allow and not (isinstance(value, int) and value > 0):
@@ -153,6 +242,7 @@ def isolated_job():
     """Undo what a job set up for itself, so that the next job of a multirun starts clean: its W&B run, its DDP process
     group, and the rank variables Lightning's launcher put into the environment (with LOCAL_RANK still set, the next
     job would take itself for a child process and wait for ranks that nobody starts)."""
+    import torch
     env = dict(os.environ)
     try:
         yield
@@ -165,11 +255,66 @@ def isolated_job():
         os.environ.update(env)
 
 
+# What every run writes as it starts, before it has anything to show: Hydra's record and log, the run lock, the loggers'
+# headers and W&B's offline run. Only a failed run's directory holding nothing else (checkpoints/ and previews/ empty,
+# metrics.csv without a row) is removed: anything more, a file vimexp doesn't write included, may be the user's and
+# keeps the whole directory, as does a lock another process holds.
+STARTUP_FILES = re.compile(r"\.hydra|run(_rank\d+)?\.log|\.lock|\.lock\.pid|hparams\.yaml|wandb")
+
+
+def holds_nothing(run_dir: Path) -> bool:
+    """Whether a run directory holds only what a run writes as it starts (STARTUP_FILES)."""
+    for p in run_dir.iterdir():
+        if p.name == "metrics.csv" and p.is_file():
+            if len(p.read_text(errors="replace").splitlines()) > 1:
+                return False
+        elif p.name in ("checkpoints", "previews") and p.is_dir():
+            if any(p.iterdir()):
+                return False
+        elif not STARTUP_FILES.fullmatch(p.name):
+            return False
+    return True
+
+
+def discard_if_empty(run_dir: Path):
+    """Remove a failed run's directory if it holds nothing, unless another process holds its lock (a second run refused
+    there fails while the first one goes on)."""
+    from filelock import FileLock, Timeout
+    if not run_dir.is_dir() or not holds_nothing(run_dir):
+        return
+    lock = FileLock(run_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return
+    try:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        lock.release()
+
+
+@contextmanager
+def no_empty_run_dir():
+    """A run that fails (an error, a bad value, Ctrl-C) before it saved anything leaves no run directory, and with it
+    no W&B offline run; its console said what went wrong. Rank 0 decides: DDP's other ranks share the directory."""
+    try:
+        yield
+    except BaseException as e:
+        from hydra.core.hydra_config import HydraConfig
+        from lightning.pytorch.utilities import rank_zero_only
+        if not (isinstance(e, SystemExit) and e.code in (0, None)) and rank_zero_only.rank == 0:
+            discard_if_empty(Path(HydraConfig.get().runtime.output_dir))
+        raise
+
+
 def cli(run_fn, config_name: str):
     """`python -m vimexp.<name>`: config choices checked up front, the Hydra job run, user errors as one line."""
+    exit_on_help(config_name)
+    import hydra
+
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def _main(cfg):
-        with one_line_errors(), isolated_job():
+        with one_line_errors(), no_empty_run_dir(), isolated_job():  # W&B finished before its directory is judged
             check_values(cfg)
             return run_fn(cfg)
 

@@ -7,6 +7,9 @@ own overrides need giving (they win, as does a group or experiment named on the 
 """
 from pathlib import Path
 
+from vimexp.cli import exit_on_help
+exit_on_help("eval", __name__)  # `--help` answered before Lightning and torch are imported: in a second
+
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict

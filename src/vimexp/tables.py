@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from vimexp import VimexpError
 from vimexp.cli import CONF_DIR, one_line_errors
@@ -75,11 +76,25 @@ def metric(record: dict | None, spec: str):
     return None if value is None else round(value, 2)
 
 
-def _train(args: list[str], multirun: bool):
+class RowProgress:
+    """tqdm's bar with the ETA over the rows to train, a line on stderr before each training run and one at the end:
+    the runs' own output goes between (a bar redrawn in place would be overwritten by their progress bars)."""
+
+    def __init__(self, name: str, total: int):
+        self.name, self.total, self.done, self.started = name, total, 0, time.time()
+
+    def show(self):
+        print(tqdm.format_meter(self.done, self.total, time.time() - self.started, prefix=f"{self.name} rows",
+                                unit="row"), file=sys.stderr, flush=True)
+
+
+def _train(args: list[str], multirun: bool, progress: RowProgress, rows: int):
     cmd = [sys.executable, "-m", "vimexp.train", *(["-m"] if multirun else []), *args]
+    progress.show()
     print("+ " + " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         raise VimexpError(f"training failed: {' '.join(cmd)} (its output is above)")
+    progress.done += rows
 
 
 def tasks_of(table: dict) -> dict[str, dict]:
@@ -93,14 +108,14 @@ def run_missing(table: dict, preset: str, runs: Path, extra: list[str], force: b
     sweep = table["sweep"]
     trained = [r for r in table["rows"] if not r.get("cited") and (not only or row_key(r, preset) in only)]
     done = {} if force else find_results(runs, table, preset)
-    for task, presets in tasks_of(table).items():
-        if tasks and task not in tasks:
-            continue
-        base = [f"table={table['name']}", f"table_preset={preset}", *presets[preset], *extra]
-        missing = [r for r in trained if (task, row_key(r, preset)) not in done]
+    todo = {task: [r for r in trained if (task, row_key(r, preset)) not in done]
+            for task in tasks_of(table) if not tasks or task in tasks}
+    progress = RowProgress(table["name"], sum(map(len, todo.values())))
+    for task, missing in todo.items():
+        base = [f"table={table['name']}", f"table_preset={preset}", *tasks_of(table)[task][preset], *extra]
         plain = [row_value(r, preset) for r in missing if not r.get("init_from") and not row_overrides(r, preset)]
         if plain:
-            _train([*base, f"{sweep}={','.join(plain)}"], multirun=len(plain) > 1)
+            _train([*base, f"{sweep}={','.join(plain)}"], len(plain) > 1, progress, len(plain))
         for row in sorted(missing, key=lambda r: bool(r.get("init_from"))):  # rows of their own, fine-tunes last
             if not (row.get("init_from") or row_overrides(row, preset)):
                 continue
@@ -112,7 +127,9 @@ def run_missing(table: dict, preset: str, runs: Path, extra: list[str], force: b
                 if record is None:
                     raise VimexpError(f"{row['label']} starts from {source['label']}, which has no finished run")
                 own.append(f"model.init_from={Path(record['output_dir']) / 'checkpoints' / 'last.ckpt'}")
-            _train([*base, f"{sweep}={row_value(row, preset)}", *own], multirun=False)
+            _train([*base, f"{sweep}={row_value(row, preset)}", *own], False, progress, 1)
+    if progress.total:
+        progress.show()
 
 
 def render(table: dict, preset: str, results: dict) -> tuple[str, list[dict]]:

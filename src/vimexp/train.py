@@ -6,6 +6,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from vimexp.cli import exit_on_help
+exit_on_help("train", __name__)  # `--help` answered before Lightning and torch are imported: in a second
+
 import lightning as L
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
@@ -17,6 +20,7 @@ from vimexp import VimexpError
 from vimexp.build import build_datamodule, build_loggers, build_task, build_trainer
 from vimexp.callbacks import BatchSeed, CheckpointOnSignal, SaveConfig
 from vimexp.cli import cli
+from vimexp.curves import write_curves
 from vimexp.models.checkpoint import check_compatible, read_checkpoint
 from vimexp.record import run_record, write_json
 
@@ -109,8 +113,9 @@ def train(cfg) -> dict:
         if trainer.is_global_zero:
             write_json(out / "results.json", record)
             monitor = task.hparams.monitor
+            curves = "curves.png, " if write_curves(out, monitor) else ""  # none without a metrics.csv to draw
             best = record["best"].get(monitor)
-            print(f"results in {out.resolve()} (results.json, checkpoints/, metrics.csv)"
+            print(f"results in {out.resolve()} (results.json, {curves}checkpoints/, metrics.csv)"
                   + (f": best {monitor} {best:.2f}%" if best is not None else ""))
     return record
 

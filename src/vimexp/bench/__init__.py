@@ -11,16 +11,22 @@ One timing loop and GPU spin-up for all of them (vimexp.bench.timing); each reco
 """
 import importlib
 
-import torch
-
 from vimexp import VimexpError
 
 TOOLS = ("backbones", "mixer", "ddp", "plots")
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto`: the GPU if torch sees one, else the CPU."""
+def pick_device(name: str):
+    """`auto`: the GPU if torch sees one, else the CPU (a torch.device)."""
+    import torch  # here, not at the top: `--help` answers before torch loads
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def say(line: str):
+    """print() under a progress bar (tqdm's, on stderr): the bar is cleared, the line printed, the bar drawn again."""
+    from tqdm import tqdm
+    with tqdm.external_write_mode():
+        print(line, flush=True)
 
 
 def command(*overrides: str) -> str:

@@ -9,15 +9,17 @@ Writes results.json (rows + environment), results.csv, and per (batch, precision
 """
 import csv
 import gc
+import itertools
 import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from vimexp import VimexpError
-from vimexp.bench import command, pick_device
+from vimexp.bench import command, pick_device, say
 from vimexp.bench.timing import seconds_per_call, spin_up
 from vimexp.models import create_model
 from vimexp.models.dense.necks import PyramidBackbone
@@ -81,10 +83,13 @@ def _cuda_graph(step):
 
 def measure(key, spec, res, batch, precision, cfg, device) -> dict:
     row = {"model": key, "spec": dict(spec), "res": res, "batch": batch, "precision": precision,
-           "mode": cfg.bench.mode, "neck": bool(cfg.bench.neck), "cuda_graph": bool(cfg.get("cuda_graph"))}
+           "mode": cfg.bench.mode, "neck": bool(cfg.bench.neck), "cuda_graph": bool(cfg.get("cuda_graph")),
+           "compile": bool(cfg.get("compile"))}
     model = None
     try:
         model = build(spec, res, cfg.bench.neck, cfg.kernel).to(device)
+        if cfg.get("compile"):
+            model.compile()
         row["params"] = sum(p.numel() for p in model.parameters())
         x = torch.randn(batch, 3, res, res, device=device)
         if device.type == "cuda":
@@ -189,22 +194,20 @@ def run(cfg) -> dict:
     models, skipped = _runnable(b.models, device)
     spin_up(device, cfg.spinup_s)
     rows = []
-    for precision in b.precisions:
-        for batch in b.batch_sizes:
-            for res in b.resolutions:
-                for key, spec in models.items():
-                    row = measure(key, spec, res, batch, precision, cfg, device)
-                    rows.append(row)
-                    speed = (f"{row['img_per_sec']:9.1f} img/s  {row.get('peak_gib', float('nan')):6.2f} GiB"
-                             if row["status"] == "ok" else row["status"])
-                    print(f"{key:16s} {res:5d}px  batch {batch:4d}  {precision}: {speed}", flush=True)
+    configs = list(itertools.product(b.precisions, b.batch_sizes, b.resolutions, models.items()))
+    for precision, batch, res, (key, spec) in tqdm(configs, desc="bench", unit="config"):
+        row = measure(key, spec, res, batch, precision, cfg, device)
+        rows.append(row)
+        speed = (f"{row['img_per_sec']:9.1f} img/s  {row.get('peak_gib', float('nan')):6.2f} GiB"
+                 if row["status"] == "ok" else row["status"])
+        say(f"{key:16s} {res:5d}px  batch {batch:4d}  {precision}: {speed}")
     record = {"bench": b.name, "environment": environment(device),
-              "protocol": {k: cfg[k] for k in ("spinup_s", "warmup", "repeats", "iters", "kernel", "cuda_graph")}
-              | {"mode": b.mode},
+              "protocol": {k: cfg[k] for k in ("spinup_s", "warmup", "repeats", "iters", "kernel", "cuda_graph",
+                                               "compile")} | {"mode": b.mode},
               "command": command(), "skipped": skipped, "rows": rows}
     write_json(out / "results.json", record)
     with open(out / "results.csv", "w", newline="") as f:
-        keys = ["model", "res", "batch", "precision", "mode", "neck", "cuda_graph", "status", "img_per_sec",
+        keys = ["model", "res", "batch", "precision", "mode", "neck", "cuda_graph", "compile", "status", "img_per_sec",
                 "ms_per_batch", "peak_gib", "params"]
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from tqdm import tqdm
 
 from vimexp import VimexpError
-from vimexp.bench import command
+from vimexp.bench import command, say
 from vimexp.build import build_task
 from vimexp.cli import CONF_DIR
 from vimexp.record import environment, write_json
@@ -46,7 +47,7 @@ def train(run_dir: Path, overrides: list[str], gpus: str) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir / "stdout.log", "w")
     command = [sys.executable, "-m", "vimexp.train", *overrides, f"hydra.run.dir={run_dir}"]
-    print(f"[{time.strftime('%H:%M:%S')}] GPU {gpus}: {' '.join(command[3:])}", flush=True)
+    say(f"[{time.strftime('%H:%M:%S')}] GPU {gpus}: {' '.join(command[3:])}")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus})
 
@@ -175,7 +176,7 @@ def run(cfg) -> dict:
     record = json.loads(out.read_text()) if out.is_file() else {}
     record.setdefault("environment", environment(torch.device("cuda")))
     record["environment"]["gpus"] = torch.cuda.device_count()
-    for phase in phases:
+    for phase in tqdm(phases, desc="bench", unit="phase"):
         started = time.time()
         if phase == "multirun":
             record[phase] = multirun(work, b.devices, extra)
@@ -187,6 +188,6 @@ def run(cfg) -> dict:
         record[phase]["base_overrides"] = BASE
         record[phase]["seconds"] = round(time.time() - started)
         write_json(out, record)
-        print(json.dumps({phase: record[phase]}, indent=1), flush=True)
+        say(json.dumps({phase: record[phase]}, indent=1))
     print(f"record in {out.resolve()}")
     return record

@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from vimexp import VimexpError
-from vimexp.bench import command, pick_device
+from vimexp.bench import command, pick_device, say
 from vimexp.bench.timing import median_ms, spin_up
 from vimexp.models.vim import VimMixer
 from vimexp.ops import KernelBackend
@@ -113,7 +114,7 @@ def run(cfg) -> dict:
               "shape": "(batch, tokens, d_model); E = 2 d_model channels, 16 states",
               "configs": {name: dict(table) for name, table in zip(TABLES, fm.tuned())}, "rows": []}
     spin_up(device, cfg.spinup_s)
-    for name in b.shapes:
+    for name in tqdm(b.shapes, desc="bench", unit="shape"):
         shape = SHAPES[name]
         row = {"shape_name": name, "shape": list(shape)}
         if b.sweep:
@@ -129,12 +130,12 @@ def run(cfg) -> dict:
         row["speedup"] = {m: row["cuda"][f"{m}_ms"] / row["fused"][f"{m}_ms"] for m in ("inference", "train")}
         row["fused_inference_scan"] = scan_kernel_alone(shape, timing)
         record["rows"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if not k.startswith("sweep")}), flush=True)
+        say(json.dumps({k: v for k, v in row.items() if not k.startswith("sweep")}))
         if b.sweep:
             for mode, rows in row["sweep_seq"].items():
                 ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
-                print(mode, [(*(v for k, v in r.items() if not k.endswith("ms")), round(r["ms"], 3)) for r in ok[:5]],
-                      flush=True)
+                best = [(*(v for k, v in r.items() if not k.endswith("ms")), round(r["ms"], 3)) for r in ok[:5]]
+                say(f"{mode} {best}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", record)

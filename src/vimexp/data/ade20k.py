@@ -2,7 +2,8 @@
 the official Vim (MMSeg 0.x) configs:
 
 train: rescale into (2048, 512) x ratio 0.5-2.0 keeping the aspect ratio -> random 512 crop, retried until no class
-       covers more than 75% of it -> flip -> photometric distortion -> normalise -> pad to 512 (label padding ignored)
+       covers more than 75% of it -> flip -> photometric distortion (MMSeg's, or torchvision's) -> normalise -> pad to
+       512 (label padding ignored)
 val:   rescale into (2048, 512) (short side 512) -> normalise; labels stay at full resolution and the task predicts
        with sliding windows (crop 512, stride 341) and resizes the logits back.
 Annotations hold 0 ("other") and 1..150; the usual shift makes them 0..149 and 0 becomes 255, ignored.
@@ -22,6 +23,74 @@ from vimexp.data.sampling import SeededDataset, ShardedDataModule
 from vimexp.data.synthetic import ensure_ade20k
 
 IGNORE = 255
+PHOTOMETRIC = ("mmseg", "torchvision")
+
+
+def rgb_to_hsv(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(3, H, W) RGB in [0, 255] -> hue in degrees [0, 360), saturation in [0, 1], value in [0, 255]."""
+    r, g, b = img.unbind(0)
+    value, chroma = img.amax(0), img.amax(0) - img.amin(0)
+    safe = chroma.clamp_min(1e-12)
+    hue = torch.where(value == r, ((g - b) / safe) % 6, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    sat = torch.where(value > 0, chroma / value.clamp_min(1e-12), torch.zeros_like(value))
+    return torch.where(chroma > 0, hue * 60, torch.zeros_like(hue)), sat, value
+
+
+def hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The inverse of rgb_to_hsv: channel n is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + hue / 60) mod 6."""
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=hue.dtype).view(3, 1, 1) + hue / 60) % 6
+    return value - value * sat * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+class MMSegPhotometric:
+    """MMSeg 0.x's PhotoMetricDistortion (the official Vim pipeline), written from its documented behaviour, on RGB
+    values in [0, 255]: brightness + U(-32, 32); then, in a random order (a fair coin), contrast x U(0.5, 1.5) either
+    before or after saturation x U(0.5, 1.5) and a hue shift of 2 x randint(-18, 17) degrees (OpenCV's 0-180 hue
+    units), both done in HSV; each of the four applied with probability 0.5, values clipped after each. Unlike
+    torchvision's (multiplicative brightness, contrast towards the mean grey, a channel permutation) it adds to
+    brightness, scales contrast about 0 and never swaps channels. MMSeg rounds to uint8 after each step; this stays in
+    float."""
+
+    def __init__(self, brightness_delta: float = 32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
+                 hue_delta: int = 18):
+        self.brightness_delta, self.contrast_range = brightness_delta, tuple(contrast_range)
+        self.saturation_range, self.hue_delta = tuple(saturation_range), hue_delta
+
+    def sample(self, rng=random) -> dict:
+        """The random draws, in MMSeg's order: brightness, the order coin, contrast (if first), saturation, hue,
+        contrast (if last); None where a step is skipped."""
+        coin = lambda: rng.random() < 0.5  # noqa: E731
+        brightness = rng.uniform(-self.brightness_delta, self.brightness_delta) if coin() else None
+        contrast_first = coin()
+        contrast = rng.uniform(*self.contrast_range) if contrast_first and coin() else None
+        saturation = rng.uniform(*self.saturation_range) if coin() else None
+        hue = rng.randrange(-self.hue_delta, self.hue_delta) if coin() else None  # numpy's randint: high excluded
+        if not contrast_first:
+            contrast = rng.uniform(*self.contrast_range) if coin() else None
+        return dict(brightness=brightness, contrast=contrast, contrast_first=contrast_first, saturation=saturation,
+                    hue=hue)
+
+    @staticmethod
+    def apply(img: torch.Tensor, p: dict) -> torch.Tensor:
+        """img (3, H, W) RGB in [0, 255] (any dtype) -> float32 in [0, 255], the draws `p` of sample()."""
+        img = img.float()
+        if p["brightness"] is not None:
+            img = (img + p["brightness"]).clamp(0, 255)
+        if p["contrast_first"] and p["contrast"] is not None:
+            img = (img * p["contrast"]).clamp(0, 255)
+        if p["saturation"] is not None or p["hue"] is not None:  # one HSV round trip: in float it is exact
+            hue, sat, value = rgb_to_hsv(img)
+            if p["saturation"] is not None:
+                sat = (sat * p["saturation"]).clamp(0, 1)
+            if p["hue"] is not None:
+                hue = (hue + 2 * p["hue"]) % 360
+            img = hsv_to_rgb(hue, sat, value)
+        if not p["contrast_first"] and p["contrast"] is not None:
+            img = (img * p["contrast"]).clamp(0, 255)
+        return img
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.apply(img, self.sample())
 
 
 def rescale_size(height: int, width: int, scale: tuple[int, int], ratio: float = 1.0) -> tuple[int, int]:
@@ -32,12 +101,15 @@ def rescale_size(height: int, width: int, scale: tuple[int, int], ratio: float =
 
 class TrainTransform:
     def __init__(self, crop_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip=0.5,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), photometric="mmseg"):
         self.crop, self.scale, self.ratio_range, self.cat_max_ratio, self.flip = crop_size, scale, ratio_range, \
             cat_max_ratio, flip
-        # torchvision's photometric distortion: brightness, contrast, saturation and hue each with probability 0.5,
-        # hue by up to 0.1 of the circle (MMSeg's 18 of OpenCV's 180), brightness by x(1 +- 1/8) (MMSeg adds +-32)
-        self.photometric = T.RandomPhotometricDistort(hue=(-0.1, 0.1), p=0.5)
+        if photometric not in PHOTOMETRIC:
+            raise VimexpError(f"unknown data.photometric {photometric!r}: choose one of {', '.join(PHOTOMETRIC)}")
+        # torchvision's: brightness, contrast, saturation, hue and a channel permutation each with probability 0.5,
+        # hue by up to 0.1 of the circle (MMSeg's 18 of OpenCV's 180), brightness x(1 +- 1/8) (MMSeg adds +-32)
+        self.photometric = MMSegPhotometric() if photometric == "mmseg" else \
+            T.RandomPhotometricDistort(hue=(-0.1, 0.1), p=0.5)
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
     def __call__(self, image: Image.Image, label: np.ndarray):
@@ -50,7 +122,7 @@ class TrainTransform:
         lab = lab[..., top:top + self.crop, left:left + self.crop]
         if random.random() < self.flip:
             img, lab = img.flip(-1), lab.flip(-1)
-        img = (self.photometric(img).float() / 255 - self.mean) / self.std
+        img = (self.photometric(img.as_subclass(torch.Tensor)).float() / 255 - self.mean) / self.std
         pad = [0, 0, self.crop - img.shape[-1], self.crop - img.shape[-2]]  # left, top, right, bottom
         return TF.pad(img, pad, fill=0.0), TF.pad(lab, pad, fill=IGNORE)[0].long()
 
@@ -123,7 +195,7 @@ class ADE20KDataModule(ShardedDataModule):
     def __init__(self, root, num_classes=150, batch_size=32, num_workers=8, crop_size=512, scale=(2048, 512),
                  ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip=0.5, mean=(0.485, 0.456, 0.406),
                  std=(0.229, 0.224, 0.225), generate=False, generate_params=None, pin_memory=True,
-                 val_split="validation", seed=0):
+                 val_split="validation", seed=0, photometric="mmseg"):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
@@ -135,6 +207,7 @@ class ADE20KDataModule(ShardedDataModule):
     def setup(self, stage=None):
         h = self.hparams
         norm = dict(mean=tuple(h.mean), std=tuple(h.std))
-        train_tf = TrainTransform(h.crop_size, tuple(h.scale), tuple(h.ratio_range), h.cat_max_ratio, h.flip, **norm)
+        train_tf = TrainTransform(h.crop_size, tuple(h.scale), tuple(h.ratio_range), h.cat_max_ratio, h.flip, **norm,
+                                  photometric=h.photometric)
         self.train_set = ADE20K(self.root, "training", h.num_classes, train_tf, seed=h.seed)
         self.val_set = ADE20K(self.root, h.val_split, h.num_classes, EvalTransform(tuple(h.scale), **norm))

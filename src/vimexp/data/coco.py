@@ -1,8 +1,9 @@
 """COCO detection and instance segmentation (annotations/instances_<split>.json + <split>/ images) with the pipeline
 of the official ViTDet / Vim-Det configs:
 
-train: flip -> large-scale jitter (rescale to fit size x 0.1-2.0, aspect kept) -> random size x size crop, padded
-       -> boxes clipped, and objects left without box or mask dropped; images without objects are skipped
+train: flip -> large-scale jitter (rescale to fit size x 0.1-2.0, aspect kept) -> random crop of at most size x size
+       -> boxes clipped, and objects left without box or mask dropped; images without objects are skipped -> padded to
+       size x size at the bottom and right after normalising (0 = the mean colour), as detectron2 batches images
 val:   rescale to fit size x size (the short side to `size` unless the long side would pass it) -> pad to size x size;
        predictions are mapped back to the original image and scored with pycocotools against the annotation file.
 Masks come as polygons or RLE (pycocotools decodes both); crowd annotations are left out of training.
@@ -10,6 +11,7 @@ Masks come as polygons or RLE (pycocotools decodes both); crowd annotations are 
 import contextlib
 import io
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +27,34 @@ from vimexp.data.synthetic import ensure_coco
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6]
 AREAS = {"APs": (0, 32**2), "APm": (32**2, 96**2), "APl": (96**2, float("inf"))}  # COCOeval's object area ranges
+LSJ_PAD = ("bottom_right", "random_black")
 
 
 def _quiet():
     return contextlib.redirect_stdout(io.StringIO())  # pycocotools prints progress on every call
 
 
+def fixed_size_crop(img, target: dict, size: int, rng=random) -> tuple:
+    """detectron2's FixedSizeCrop(pad=False), the ViTDet LSJ crop: a size x size window (smaller where the image is),
+    its offset one uniform fraction of the slack on both axes; image, boxes and masks alike."""
+    h, w = img.shape[-2:]
+    ch, cw, u = min(h, size), min(w, size), rng.random()
+    top, left = round((h - ch) * u), round((w - cw) * u)
+    crop = lambda x: TF.crop(x, top, left, ch, cw)  # noqa: E731
+    return crop(img), {**target, "boxes": crop(target["boxes"]), "masks": crop(target["masks"])}
+
+
 class TrainTransform:
     def __init__(self, size=1024, scale_range=(0.1, 2.0), flip=0.5, mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225)):
-        self.size = size
-        self.geometric = T.Compose([
-            T.RandomHorizontalFlip(flip),
-            T.ScaleJitter((size, size), scale_range=tuple(scale_range), antialias=True),
-            T.RandomCrop(size, pad_if_needed=True),
+                 std=(0.229, 0.224, 0.225), pad="bottom_right"):
+        if pad not in LSJ_PAD:
+            raise VimexpError(f"unknown data.lsj_pad {pad!r}: choose one of {', '.join(LSJ_PAD)}")
+        self.size, self.pad = size, pad
+        self.jitter = T.Compose([T.RandomHorizontalFlip(flip),
+                                 T.ScaleJitter((size, size), scale_range=tuple(scale_range), antialias=True)])
+        # random_black: torchvision's crop pads both sides with black (0 before normalising) and crops at random
+        self.crop = None if pad == "bottom_right" else T.RandomCrop(size, pad_if_needed=True)
+        self.clean = T.Compose([
             T.ClampBoundingBoxes(),
             T.SanitizeBoundingBoxes(labels_getter=lambda sample: (sample[1]["labels"], sample[1]["masks"]))])
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
@@ -49,12 +65,16 @@ class TrainTransform:
         target = {"boxes": tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w)),
                   "labels": target["labels"], "masks": tv_tensors.Mask(target["masks"]),
                   "image_id": target["image_id"]}
-        img, target = self.geometric(img, target)
+        img, target = self.jitter(img, target)
+        img, target = self.crop(img, target) if self.crop else fixed_size_crop(img, target, self.size)
+        img, target = self.clean(img, target)
         keep = target["masks"].flatten(1).amax(1) > 0  # a box can outlive its mask at the crop's edge
+        h, w = img.shape[-2:]
+        pad = [0, 0, self.size - w, self.size - h]  # left, top, right, bottom; none for random_black
+        masks = TF.pad(target["masks"].as_subclass(torch.Tensor)[keep], pad)
         out = {"boxes": target["boxes"].as_subclass(torch.Tensor)[keep].float(), "labels": target["labels"][keep],
-               "masks": target["masks"].as_subclass(torch.Tensor)[keep], "image_id": target["image_id"],
-               "image_size": (self.size, self.size), "scale": 1.0}
-        return (img.float() / 255 - self.mean) / self.std, out
+               "masks": masks, "image_id": target["image_id"], "image_size": (h, w), "scale": 1.0}
+        return TF.pad((img.as_subclass(torch.Tensor).float() / 255 - self.mean) / self.std, pad), out
 
 
 class EvalTransform:
@@ -173,7 +193,7 @@ class CocoDataModule(ShardedDataModule):
     def __init__(self, root, num_classes=80, batch_size=64, num_workers=8, size=1024, scale_range=(0.1, 2.0),
                  flip=0.5, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), skip_degenerate=False,
                  generate=False, generate_params=None, pin_memory=True, train_split="train2017",
-                 val_split="val2017", val_batch_size=None, seed=0):
+                 val_split="val2017", val_batch_size=None, seed=0, lsj_pad="bottom_right"):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
@@ -192,5 +212,6 @@ class CocoDataModule(ShardedDataModule):
             raise VimexpError(f"{self.root} has {len(self.val_set.cat_ids)} categories but data.num_classes="
                               f"{h.num_classes}: set data.num_classes={len(self.val_set.cat_ids)}")
         if stage in (None, "fit"):
-            self.train_set = CocoDetection(self.root, h.train_split, TrainTransform(h.size, h.scale_range, h.flip, **norm),
-                                           train=True, seed=h.seed, skip_degenerate=h.skip_degenerate)
+            train_tf = TrainTransform(h.size, h.scale_range, h.flip, **norm, pad=h.lsj_pad)
+            self.train_set = CocoDetection(self.root, h.train_split, train_tf, train=True, seed=h.seed,
+                                           skip_degenerate=h.skip_degenerate)

@@ -68,13 +68,15 @@ def check_layout(root: Path, splits=("train", "val")) -> list[str]:
 
 
 class ImageFolderDataModule(ShardedDataModule):
-    """Train/val loaders. `batch_size` is global: each of the trainer's processes loads batch_size / world_size."""
+    """Train/val loaders. `batch_size` is global: each of the trainer's processes loads batch_size / world_size.
+    `mixup_group`: images per mixup draw (the task mixes), to whose groups repeated augmentation deals an image's
+    copies (conf/data/imagenet.yaml)."""
 
     def __init__(self, root, num_classes, img_size=224, batch_size=1024, num_workers=8, generate=False,
                  generate_params=None, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, re_prob=0.25,
                  re_mode="pixel", re_count=1, hflip=0.5, scale=(0.08, 1.0), interpolation="bicubic",
                  crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), repeated_aug=True,
-                 pin_memory=True, val_split="val", seed=0):
+                 mixup_group=128, pin_memory=True, val_split="val", seed=0):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = Path(root)

@@ -80,6 +80,34 @@ class EpochIndexSampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
+class GroupedRepeatSampler(torch.utils.data.Sampler):
+    """DeiT's repeated augmentation with mixup groups in the GPUs' place. DeiT's sampler (timm's RepeatAugSampler)
+    repeats every image 3 times and deals the copies to 3 different GPUs, each of which mixes its own batch; here the
+    global batch is `num_groups` groups of `group` images, group v gets what GPU v would, and this process loads the
+    global positions offset .. offset + batch of each step. So the copies of an image fall in different mixup groups
+    on any number of processes; with one group per process it is DeiT's sampler itself."""
+
+    def __init__(self, dataset, num_groups: int, group: int, offset: int, batch: int):
+        self.group, self.offset, self.batch = group, offset, batch
+        self.parts = {v: RepeatAugSampler(dataset, num_replicas=num_groups, rank=v, shuffle=True, num_repeats=3)
+                      for v in range(offset // group, (offset + batch - 1) // group + 1)}
+        self.steps = len(self.parts[offset // group]) // group  # whole steps only (the loader drops the rest)
+
+    def set_epoch(self, epoch: int):
+        for part in self.parts.values():
+            part.set_epoch(epoch)
+
+    def __iter__(self):
+        parts = {v: list(part) for v, part in self.parts.items()}  # each group's images of this epoch, in order
+        for step in range(self.steps):
+            for pos in range(self.offset, self.offset + self.batch):
+                v, i = divmod(pos, self.group)
+                yield parts[v][step * self.group + i]
+
+    def __len__(self):
+        return self.steps * self.batch
+
+
 def _leave_stop_signals_to_the_main_process(worker_id: int):
     """SLURM sends SIGTERM to every process of a job, a terminal Ctrl-C to every process in the foreground: the loader
     workers ignore them (and SIGUSR1), so that the main process can finish its step and write a checkpoint before it
@@ -134,10 +162,28 @@ class ShardedDataModule(L.LightningDataModule):
         n = min(batches_per_epoch, limit) if isinstance(limit, int) else int(batches_per_epoch * limit)
         return divmod(done, n) if n else (0, 0)
 
+    def _repeat_groups(self) -> int:
+        """Mixup groups in the global batch when repeated augmentation is on, else 0. DeiT repeats images only on more
+        than one GPU: here in more than one group (data.mixup_group, the official per-GPU batch); a batch smaller
+        than a group is part of one."""
+        h, group = self.hparams, self.mixup_group
+        if not h.get("repeated_aug"):
+            return 0
+        if h.batch_size > group and h.batch_size % group:
+            raise VimexpError(f"repeated augmentation deals images to groups of data.mixup_group={group}, "
+                              f"but data.batch_size={h.batch_size} is no multiple of it: change one of them")
+        return h.batch_size // group
+
+    @property
+    def mixup_group(self) -> int:
+        return self.hparams.get("mixup_group") or self.per_device_batch
+
     def train_dataloader(self):
         world, rank = self._world
-        if self.hparams.get("repeated_aug") and world > 1:  # DeiT's repeated augmentation (distributed only)
-            sampler = RepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, num_repeats=3)
+        groups = self._repeat_groups()
+        if groups > 1:  # DeiT's repeated augmentation, the copies of an image in different mixup groups
+            b = self.per_device_batch
+            sampler = GroupedRepeatSampler(self.train_set, groups, self.mixup_group, rank * b, b)
         else:
             # One permutation per (seed, epoch), dealt round-robin: global batch k holds the same images on any number
             # of processes, and a resumed run sees the same batches as a straight one.

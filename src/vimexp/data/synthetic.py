@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from vimexp import VimexpError
 
@@ -187,9 +188,10 @@ def _lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_atomically(root: Path, meta: dict, fill) -> Path:
-    """Write a dataset into a temporary sibling with `fill(tmp)`, then the metadata file (its presence marks a complete
-    dataset), then rename it into place. Call with the lock held."""
+def _write_atomically(root: Path, meta: dict, fill, images: int) -> Path:
+    """Write a dataset of `images` images into a temporary sibling with `fill(tmp, done)`, `done()` after each image
+    (a bar with the ETA on stderr: the larger datasets take minutes), then the metadata file (its presence marks a
+    complete dataset), then rename it into place. Call with the lock held."""
     if root.exists() and not (root / META_FILE).is_file() and any(p.is_file() for p in root.rglob("*")):
         raise VimexpError(f"data.root {root} holds files the built-in generator did not write: it replaces only its own "
                           "datasets. For your data choose its config (data=imagenet, data=ade20k or data=coco) or set "
@@ -200,7 +202,8 @@ def _write_atomically(root: Path, meta: dict, fill) -> Path:
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"  # unique per process; we hold the lock
     tmp.mkdir()
     try:
-        fill(tmp)
+        with tqdm(total=images, desc="vimexp: writing images", unit="img") as bar:
+            fill(tmp, bar.update)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if root.exists():
             shutil.rmtree(root)
@@ -212,7 +215,7 @@ def _write_atomically(root: Path, meta: dict, fill) -> Path:
 
 
 def _write(root: Path, meta: dict) -> Path:
-    def fill(tmp: Path):
+    def fill(tmp: Path, done):
         for split, split_id in _SPLITS.items():
             n = meta[f"{split}_per_class"]
             for label, name in enumerate(CLASSES):
@@ -223,8 +226,9 @@ def _write(root: Path, meta: dict) -> Path:
                     rng = np.random.default_rng([meta["seed"], split_id, label, i])
                     scene = make_scene(rng, meta["size"], label=label)
                     Image.fromarray(scene.image).save(d / f"{i:05d}.jpg", quality=95)
+                    done()
 
-    return _write_atomically(root, meta, fill)
+    return _write_atomically(root, meta, fill, len(CLASSES) * (meta["train_per_class"] + meta["val_per_class"]))
 
 
 def write_imagefolder(root, *, train_per_class: int = 500, val_per_class: int = 100, size: int = 32, seed: int = 0) -> Path:
@@ -273,7 +277,7 @@ def _ade_meta(*, train: int = 2000, val: int = 200, size: int = 64, seed: int = 
 def _write_ade20k(root: Path, meta: dict) -> Path:
     """Scenes of 1-4 objects whose annotation PNGs hold 0 (background: ADE20K's "other", ignored in training) or
     k + 1 for CLASSES[k], under ADEChallengeData2016/{images,annotations}/{training,validation}/ADE_<split>_<i>."""
-    def fill(tmp: Path):
+    def fill(tmp: Path, done):
         for split, split_id in ADE_SPLITS.items():
             images, annotations = (tmp / "ADEChallengeData2016" / kind / split for kind in ("images", "annotations"))
             images.mkdir(parents=True)
@@ -284,8 +288,9 @@ def _write_ade20k(root: Path, meta: dict) -> Path:
                 name = f"ADE_{'train' if split == 'training' else 'val'}_{i:08d}"
                 Image.fromarray(scene.image).save(images / f"{name}.jpg", quality=95)
                 Image.fromarray(scene.semantic_map().astype(np.uint8)).save(annotations / f"{name}.png")
+                done()
 
-    return _write_atomically(root, meta, fill)
+    return _write_atomically(root, meta, fill, sum(meta[split] for split in ADE_SPLITS))
 
 
 def _ensure_once(root: Path, meta: dict, write, what: str) -> Path:
@@ -344,7 +349,7 @@ def coco_annotations(scenes, names: list[str], start_id: int = 1) -> dict:
 
 def _write_coco(root: Path, meta: dict) -> Path:
     """Scenes of 1-4 objects under {train2017,val2017}/<i:012d>.jpg with annotations/instances_<split>.json."""
-    def fill(tmp: Path):
+    def fill(tmp: Path, done):
         (tmp / "annotations").mkdir()
         for split, split_id in COCO_SPLITS.items():
             (tmp / split).mkdir()
@@ -354,10 +359,11 @@ def _write_coco(root: Path, meta: dict) -> Path:
                 scenes.append(make_scene(rng, meta["size"], max_distractors=3, scale=(0.3, 0.6)))
                 names.append(f"{i + 1:012d}.jpg")
                 Image.fromarray(scenes[-1].image).save(tmp / split / names[-1], quality=95)
+                done()
             ann = coco_annotations(scenes, names)
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(ann))
 
-    return _write_atomically(root, meta, fill)
+    return _write_atomically(root, meta, fill, sum(meta[split] for split in COCO_SPLITS))
 
 
 def ensure_coco(root, **params) -> Path:

@@ -13,17 +13,20 @@ from vimexp.models.registry import create_model
 
 
 def build_backbone(model: dict, dense: bool = False, img_size: int | None = None) -> nn.Module:
-    """The model of a `model` config (name, constructor overrides, `init_from` weights and `init_ignore` prefixes).
+    """The model of a `model` config (name, constructor overrides, `init_from` weights and `init_ignore` prefixes;
+    a Vim's `init_pos_embed` and `init_src_pool`, see vimexp.models.checkpoint.load_checkpoint).
     dense: no classifier, the family's dense form (e.g. Vim without class token), built for `img_size` inputs; a
     classification checkpoint then loads without its head, pos_embed fitted to the new grid."""
     kwargs = dict(model)
     init_from, ignore = kwargs.pop("init_from", None), tuple(kwargs.pop("init_ignore", None) or ())
+    how = dict(pos_embed_mode=kwargs.pop("init_pos_embed", None) or "correct",
+               src_pool=kwargs.pop("init_src_pool", None))
     if dense:
         kwargs.update(num_classes=0, **({"img_size": img_size} if img_size else {}))
         ignore = ("head.", *ignore)
     net = create_model(**kwargs, dense=dense)
     if init_from:
-        load_checkpoint(net, init_from, ignore=ignore)
+        load_checkpoint(net, init_from, ignore=ignore, **how)
     return net
 
 

@@ -1,5 +1,7 @@
 """DeiT baselines from timm behind the registry, with a switch between eager and fused (SDPA) attention, and their
 ViTDet form (window attention) for detection."""
+from functools import partial
+
 import timm
 import torch.nn as nn
 from timm.models.vision_transformer import Attention
@@ -45,11 +47,11 @@ def _vitdet(embed_dim: int, depth: int, num_heads: int, global_attn_indexes, img
             window_size=14, drop_path_rate=0.1, num_classes=0, **kwargs):
     """ViTDet's plain ViT for detection (timm's SAM encoder, which is ViTDet's): window attention in every block but
     `global_attn_indexes`, absolute position embedding on the patch grid (no class token), no relative position
-    bias, and no final norm: the feature pyramid takes the last block's output."""
+    bias, and no final norm: the feature pyramid takes the last block's output. LayerNorm eps 1e-6, as ViTDet's."""
     model = VisionTransformerSAM(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                  num_heads=num_heads, window_size=window_size, global_attn_indexes=tuple(global_attn_indexes),
                                  use_rel_pos=False, neck_chans=0, num_classes=num_classes, drop_path_rate=drop_path_rate,
-                                 **kwargs)
+                                 **{"norm_layer": partial(nn.LayerNorm, eps=1e-6), **kwargs})
     model.neck = nn.Identity()
     return model
 

@@ -23,7 +23,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from vimexp.models.registry import register_model
 from vimexp.models.vim import VimMixer
-from vimexp.ops import backend
+from vimexp.ops import KernelBackend, backend
 
 
 class HierVimBlock(nn.Module):
@@ -56,7 +56,7 @@ class HierVim(nn.Module):
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 5, 2),
                  mlp_ratio=3.5, drop_path_rate=0.2, d_state=16, expand=2, bimamba="v2", kernel="auto", recompute=False):
         super().__init__()
-        self.backend = backend(kernel)
+        self.backend = kernel if isinstance(kernel, KernelBackend) else backend(kernel)
         self.num_classes = num_classes
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.num_features = dims[-1]

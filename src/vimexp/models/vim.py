@@ -6,6 +6,9 @@ full second SSM branch on the flipped sequence, sharing in_proj and out_proj, ou
 the middle of the sequence. The paper's ablations (Tables 4 and 5) are constructor options:
 
     bidirectional: none | sequence | block | ssm | ssm_conv      pool: mean | max | head | double | middle
+
+`rope=True` (with `rope_residual`) adds the official 2-D rotary position embedding of the dense backbones before every
+layer (docs/official_impl.md §1.10).
 """
 import math
 
@@ -26,6 +29,9 @@ BIDIRECTIONAL = {
     "ssm_conv": ("v2", False, False),
 }
 POOLS = ("mean", "max", "head", "double", "middle")
+# what forward_intermediates returns per layer: the residual stream (official use_residual_as_feature=True, last
+# layer 'add') or the mixer output (use_residual_as_feature=False)
+FEATURES = ("residual_plus_hidden", "hidden")
 
 
 def cls_token_positions(pool: str, num_patches: int) -> list[int]:
@@ -116,8 +122,7 @@ class VimMixer(nn.Module):
 
     def forward(self, hidden):
         batch, seqlen, dim = hidden.shape
-        if self.bimamba == "v2" and self.backend.runs_fused(batch, seqlen, self.in_proj.out_features // 2,
-                                                             self.d_state, self.dt_rank):
+        if self.bimamba == "v2" and self.backend.runs_fused():
             return self._forward_fused(hidden)
         ops = self.backend.ops
         # (2E, batch*L) -> (batch, 2E, L) view with the token axis contiguous, as the kernels want
@@ -186,12 +191,78 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+ROPE_PT_GRID = 14  # the official pt_hw_seq_len: the 14 x 14 grid of 224 px pretraining with 16 px patches
+
+
+def rope_angles(dim: int, grid: tuple[int, int], pt_grid: int = ROPE_PT_GRID, theta: float = 10000.0) -> torch.Tensor:
+    """(cells, dim) float64 angles of the official 2-D RoPE: the first half of the channels turn with the row, the
+    second with the column, positions squeezed onto the pt_grid-wide pretraining grid (i * pt_grid / side);
+    frequencies theta^(-2k / (dim/2)), each shared by an adjacent channel pair; cells row-major."""
+    half = dim // 2
+    freqs = theta ** (-torch.arange(0, half, 2, dtype=torch.float64) / half)
+
+    def axis(side):  # (side, half)
+        return (torch.arange(side, dtype=torch.float64)[:, None] * pt_grid / side * freqs).repeat_interleave(2, 1)
+
+    gh, gw = grid
+    rows, cols = axis(gh)[:, None].expand(gh, gw, half), axis(gw)[None].expand(gh, gw, half)
+    return torch.cat([rows, cols], -1).reshape(gh * gw, dim)
+
+
+def rotate_pairs(x, cos, sin):
+    """x cos + rotate_half(x) sin, rotate_half turning each channel pair (a, b) into (-b, a). Float32 tables
+    promote bf16 tokens to float32, as in the official code."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return x * cos + torch.stack((-b, a), -1).flatten(-2) * sin
+
+
+class Rope(nn.Module):
+    """The official rotary position embedding of the patch grid (docs/official_impl.md §1.10). cos and sin are
+    non-persistent buffers: derived from the config, so the state dict keeps the official layout of the released
+    models and a checkpoint loads at any grid (the official RoPE models also saved rope.freqs_cos/sin, which its
+    dense loaders drop)."""
+
+    def __init__(self, dim: int, grid: tuple[int, int], pt_grid: int = ROPE_PT_GRID, theta: float = 10000.0):
+        super().__init__()
+        if dim % 4:
+            raise VimexpError(f"RoPE turns channel pairs by row and by column: embed_dim must be a multiple of 4, "
+                              f"got {dim}")
+        self.dim, self.grid, self.pt_grid, self.theta = dim, tuple(grid), pt_grid, theta
+        angles, dtype = rope_angles(dim, self.grid, pt_grid, theta), torch.get_default_dtype()
+        self.register_buffer("freqs_cos", angles.cos().to(dtype), persistent=False)
+        self.register_buffer("freqs_sin", angles.sin().to(dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Casts and moves re-derive the tables from float64: exact after .double(), correctly rounded in bf16."""
+        super()._apply(fn, recurse)
+        angles = rope_angles(self.dim, self.grid, self.pt_grid, self.theta).to(self.freqs_cos.device)
+        self.freqs_cos, self.freqs_sin = angles.cos().to(self.freqs_cos.dtype), angles.sin().to(self.freqs_sin.dtype)
+        return self
+
+    def forward(self, x):
+        """Rotate the patch tokens of x (batch, L, D). The official rule, by length: L = cells rotates every token;
+        an odd L leaves the first alone (a head class token; with the released middle one, the patches before it
+        take their predecessor's cell and the class token the cell before it). Where the official code would fail on
+        a table that doesn't fit, the same rule by count: one token more leaves the first alone (odd grids), two
+        (pool='double') both ends."""
+        cells = self.freqs_cos.shape[0]
+        if x.shape[1] == cells:
+            return rotate_pairs(x, self.freqs_cos, self.freqs_sin)
+        if x.shape[1] - cells not in (1, 2):
+            raise VimexpError(f"RoPE has {cells} grid cells, the sequence {x.shape[1]} tokens: build the model for "
+                              "this input size")
+        inner = rotate_pairs(x[:, 1:cells + 1], self.freqs_cos, self.freqs_sin)
+        return torch.cat([x[:, :1], inner, x[:, cells + 1:]], 1)
+
+
 class VisionMamba(nn.Module):
     def __init__(self, img_size=224, patch_size=16, stride=16, depth=24, embed_dim=192, d_state=16, expand=2,
                  in_chans=3, num_classes=1000, drop_rate=0.0, drop_path_rate=0.1, norm_eps=1e-5,
                  bidirectional="ssm_conv", pool="middle", divide_out=True, flip_prob=0.5, kernel="auto",
-                 recompute=False):
+                 recompute=False, rope=False, rope_residual=False, rope_pt_grid=ROPE_PT_GRID, rope_theta=10000.0):
         super().__init__()
+        if rope_residual and not rope:
+            raise VimexpError("rope_residual=True also turns the residual stream: it needs rope=True")
         if bidirectional not in BIDIRECTIONAL:
             raise VimexpError(f"unknown bidirectional strategy {bidirectional!r}: choose one of {', '.join(BIDIRECTIONAL)}")
         if pool not in POOLS:
@@ -199,7 +270,7 @@ class VisionMamba(nn.Module):
         bimamba, self.flip_sequence, self.paired_blocks = BIDIRECTIONAL[bidirectional]
         if self.paired_blocks and depth % 2:
             raise VimexpError(f"bidirectional='block' pairs layers: depth must be even, got {depth}")
-        self.backend = backend(kernel)
+        self.backend = kernel if isinstance(kernel, KernelBackend) else backend(kernel)
         self.pool, self.flip_prob, self.num_classes, self.embed_dim = pool, flip_prob, num_classes, embed_dim
         self.num_features = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
@@ -213,6 +284,9 @@ class VisionMamba(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_cls_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # the model's own grid: the official seg/det pass img_size // patch_size, the same for stride = patch
+        self.rope = Rope(embed_dim, self.patch_embed.grid_size, rope_pt_grid, rope_theta) if rope else None
+        self.rope_residual = rope_residual
 
         # block i drops the mixer output of block i-1, so mixer k is dropped at dpr[k] (the last one before norm_f)
         dpr = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
@@ -263,26 +337,50 @@ class VisionMamba(nn.Module):
             x = torch.cat([x[:, : m // 2], self.cls_token.expand(batch, -1, -1), x[:, m // 2:]], 1)
         return self.pos_drop(x + self.pos_embed)
 
-    def _run_layers(self, x, out_indices=()):
-        """Run the blocks; returns (final normed tokens, {index: token state after that block})."""
+    def _run_layers(self, x, out_indices=(), feature="residual_plus_hidden"):
+        """Run the blocks; returns (final normed tokens, {index: token state after that block}). The state after a
+        block is the residual stream the next one starts from, as the official use_residual_as_feature reads it
+        (with RoPE: turned as that block sees it); after the last block, residual + mixer output. feature='hidden'
+        takes the block's mixer output instead (use_residual_as_feature=False, the official Vim-Ti UperNet)."""
+        if feature not in FEATURES:
+            raise VimexpError(f"unknown feature {feature!r}: choose one of {', '.join(FEATURES)}")
+        states = out_indices if feature == "residual_plus_hidden" else ()
         flip = self.flip_sequence and self.training and torch.rand(()).item() < self.flip_prob
         if flip:  # 'sequence' strategy: the whole sequence reversed, as data augmentation
             x = x.flip(1)
-        hidden, residual, taken = x, None, {}
+        hidden, residual, taken, done = x, None, {}, range(0)
         step = 2 if self.paired_blocks else 1
         for i in range(0, len(self.layers), step):
+            if self.rope is not None:  # before every layer (pair)
+                hidden, residual = self._rotate(hidden, residual, flip)
+            taken.update({k: self._state(hidden, residual, flip) for k in done if k in states})
             if self.paired_blocks:  # 'block' strategy: layer 2i reads forward, layer 2i+1 backward, then summed
                 h_f, r_f = self.layers[i](hidden, residual)
                 h_b, r_b = self.layers[i + 1](hidden.flip(1), None if residual is None else residual.flip(1))
                 hidden, residual = h_f + h_b.flip(1), r_f + r_b.flip(1)
             else:
                 hidden, residual = self.layers[i](hidden, residual)
-            for k in range(i, i + step):
-                if k in out_indices:
-                    taken[k] = (residual + hidden).flip(1) if flip else residual + hidden
+            done = range(i, i + step)
+            if feature == "hidden":  # before the next layer's RoPE, as the official code collects it
+                taken.update({k: hidden.flip(1) if flip else hidden for k in done if k in out_indices})
+        taken.update({k: self._state(hidden, residual, flip) for k in done if k in states})
         x = self.backend.ops.rms_norm(self.drop_path(hidden), self.norm_f.weight, None, residual=residual, eps=self.norm_f.eps,
                          prenorm=False, residual_in_fp32=True)
         return (x.flip(1) if flip else x), taken
+
+    def _rotate(self, hidden, residual, flip):
+        """RoPE before a layer: the hidden states and, with rope_residual, the residual stream (from the second layer
+        on), always in patch order (a 'sequence' flip undone around it). It acts between layers, outside the mixer,
+        so every kernel path (torch, cuda, fused) runs it alike."""
+        rope = (lambda t: self.rope(t.flip(1)).flip(1)) if flip else self.rope
+        if self.rope_residual and residual is not None:
+            residual = rope(residual)
+        return rope(hidden), residual
+
+    @staticmethod
+    def _state(hidden, residual, flip):
+        state = residual + hidden
+        return state.flip(1) if flip else state
 
     # ----- timm-style interface
     def forward_features(self, x):
@@ -303,14 +401,16 @@ class VisionMamba(nn.Module):
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x, indices: int | list[int] | None = None, intermediates_only: bool = False):
-        """timm's interface for dense necks: the token states (residual + mixer output) after the layers in
-        `indices` (an int n: the last n), class tokens removed, as (batch, D, H, W) maps; with the final features
-        (as forward_features) first unless `intermediates_only`."""
+    def forward_intermediates(self, x, indices: int | list[int] | None = None, intermediates_only: bool = False,
+                              feature: str = "residual_plus_hidden"):
+        """timm's interface for dense necks: the token states (residual + mixer output; with RoPE as the next layer
+        sees them, see _run_layers; feature='hidden': the mixer output alone) after the layers in `indices` (an int n:
+        the last n), class tokens removed, as (batch, D, H, W) maps; with the final features (as forward_features)
+        first unless `intermediates_only`."""
         depth = len(self.layers)
         indices = list(range(depth - indices, depth)) if isinstance(indices, int) else \
             list(range(depth)) if indices is None else [i % depth for i in indices]
-        final, taken = self._run_layers(self._tokens(x), out_indices=set(indices))
+        final, taken = self._run_layers(self._tokens(x), out_indices=set(indices), feature=feature)
         keep = [i for i in range(self.pos_embed.shape[1]) if i not in self.cls_positions()]
         gh, gw = self.patch_embed.grid_size
         maps = [taken[i][:, keep].transpose(1, 2).reshape(x.shape[0], -1, gh, gw) for i in indices]
@@ -330,7 +430,8 @@ class VisionMamba(nn.Module):
         """Fit a checkpoint's pos_embed (any square grid, class tokens laid out as for `src_pool`, by default this
         model's) to this model: interpolate the patch grid bicubically, keep each class-token row where this layout
         puts it, and drop the source's class-token rows if this model has none (a segmentation backbone from a
-        middle-class-token checkpoint: the official code's bug #108)."""
+        middle-class-token checkpoint). The official loaders take the first rows as the class rows whatever the
+        layout: `vimexp.models.checkpoint.front_token_pos_embed`, load_checkpoint(pos_embed_mode='official')."""
         src_pool = src_pool or self.pool
         if pos_embed.shape == self.pos_embed.shape and src_pool == self.pool:
             return pos_embed
@@ -345,8 +446,9 @@ class VisionMamba(nn.Module):
                               f"{self.num_cls_tokens}: build the model with the checkpoint's pool")
         src_cls = cls_token_positions(src_pool, src_m)
         grid_rows = [i for i in range(pos_embed.shape[1]) if i not in src_cls]
-        grid = pos_embed[:, grid_rows].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=self.patch_embed.grid_size, mode="bicubic", align_corners=False)
+        grid = pos_embed[:, grid_rows].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)),  # bf16/fp16 in fp32, fp64 kept
+                             size=self.patch_embed.grid_size, mode="bicubic", align_corners=False)
         grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
         out = list(grid.unbind(1))
         if self.num_cls_tokens:

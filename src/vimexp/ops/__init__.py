@@ -1,18 +1,21 @@
 """The kernels of the Vim mixer behind one object, `backend(kernel)`, which models hold and call:
-- `cuda`: mamba-ssm + causal-conv1d, the reference GPU path;
-- `fused`: the bimamba v2 mixer in this project's Triton kernels (vimexp.ops.fused_mixer), in inference and in
-  training, every other op (add + RMSNorm, the Table 4-5 mixer variants) on the cuda path; `auto` picks it on compute
-  capability 9.0, where it was measured faster (docs/optimisation.md);
+- `fused`: this project's Triton kernels, which ship with torch (no compiler-built extension): the bimamba v2 mixer
+  (vimexp.ops.fused_mixer) and add + RMSNorm (vimexp.ops.fused_norm), in inference and in training. The Table 4-5
+  mixer variants have no Triton kernel: they run on mamba-ssm where it is installed, else on plain PyTorch (said once);
+- `cuda`: mamba-ssm + causal-conv1d, the reference GPU path (the `[cuda]` extra, compiled from source);
 - `fused_inference`: the Triton mixer where no gradient is taken, mamba-ssm where one is;
-- `torch`: plain PyTorch, any device.
+- `torch`: plain PyTorch, any device;
+- `auto`: `fused` on compute capability 9.0, where it was measured faster (docs/optimisation.md), and on 8.x
+  without mamba-ssm; `cuda` on other GPUs with mamba-ssm; else `torch`.
 
-The cuda and torch ops take the same arguments as mamba-ssm's functions, so the model code is written once. The
-backend owns the fallbacks: a strict backend (a kernel the user named) raises in one line where its kernels can't
-take a state size or a shape; `auto`'s quietly runs mamba-ssm there instead.
+The ops take the same arguments as mamba-ssm's functions, so the model code is written once. The backend owns the
+fallbacks: a strict backend (a kernel the user named) raises in one line where its kernels can't take a state size or
+a shape; `auto`'s quietly runs the reference path (mamba-ssm, else PyTorch) there instead.
 """
 import functools
 import os
 import shutil
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -36,7 +39,9 @@ def cuda_unavailable_reason() -> str | None:
 
 
 def _fused_unavailable_reason() -> str | None:
-    """Why the Triton mixer can't run on this (CUDA) machine, or None."""
+    """Why the Triton kernels can't run here, or None."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
     try:
         import triton  # noqa: F401
     except Exception as e:
@@ -48,30 +53,40 @@ def _fused_unavailable_reason() -> str | None:
     return None
 
 
+def _auto() -> str:
+    if not torch.cuda.is_available():
+        return "torch"
+    mamba_ok, fused_ok = cuda_unavailable_reason() is None, _fused_unavailable_reason() is None
+    if fused_ok and (torch.cuda.get_device_capability() == (9, 0) or not mamba_ok):
+        return "fused"
+    return "cuda" if mamba_ok else "torch"
+
+
 def resolve_kernel(kernel: str) -> str:
-    """'auto' -> 'fused' on compute capability 9.0, 'cuda' on other GPUs where the kernels import, else
-    'torch'; the others raise with the reason when they can't run."""
+    """The kernel path `kernel` runs on this machine; a named one that can't run raises with the reason."""
     if kernel not in KERNELS:
         raise VimexpError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
-    if kernel == "torch":
-        return "torch"
-    reason = cuda_unavailable_reason()
-    if kernel in ("auto", "fused", "fused_inference") and reason is None:
-        fused_reason = _fused_unavailable_reason()
-        if kernel == "auto":
-            return "fused" if fused_reason is None and torch.cuda.get_device_capability() == (9, 0) else "cuda"
-        reason = fused_reason
-    if reason is None:
-        return kernel
-    if kernel != "auto":
-        raise VimexpError(f"kernel={kernel!r} can't run: {reason}; use kernel=torch, or on a GPU machine "
-                          "`pip install -e '.[cuda]'`")
-    return "torch"
+    if kernel in ("torch", "auto"):
+        return _auto() if kernel == "auto" else "torch"
+    if kernel == "cuda":
+        reason, fix = cuda_unavailable_reason(), "`pip install -e '.[cuda]'` (compiles mamba-ssm), or kernel=fused"
+    elif kernel == "fused":
+        reason, fix = _fused_unavailable_reason(), "kernel=torch"
+    else:  # fused_inference trains on mamba-ssm
+        reason, fix = _fused_unavailable_reason() or cuda_unavailable_reason(), "kernel=fused"
+    if reason is not None:
+        raise VimexpError(f"kernel={kernel!r} can't run: {reason}; use {fix}")
+    return kernel
+
+
+def _reference() -> str:
+    """Where the fused path sends what its Triton kernels don't take: mamba-ssm, else PyTorch."""
+    return "cuda" if cuda_unavailable_reason() is None else "torch"
 
 
 class KernelBackend:
     """A resolved kernel path (`name`: cuda | fused | fused_inference | torch). `ops` holds selective_scan,
-    causal_conv1d, rms_norm and (cuda only, else None) mixer_branch, the fused conv-projections-scan of one mixer
+    causal_conv1d, rms_norm and (on mamba-ssm, else None) mixer_branch, the fused conv-projections-scan of one mixer
     direction; the fused paths also run the bimamba v2 mixer whole through `bimixer` where `runs_fused` says so."""
 
     def __init__(self, name: str, strict: bool = True):
@@ -82,28 +97,22 @@ class KernelBackend:
 
     @functools.cached_property
     def ops(self) -> SimpleNamespace:
-        return _torch_ops() if self.name == "torch" else _cuda_ops()
+        return {"torch": _torch_ops, "cuda": _cuda_ops}.get(self.name, _fused_ops)()
 
     def for_state_size(self, d_state: int) -> "KernelBackend":
         """The backend a mixer of this state size runs on: the Triton kernels tile the states (a power of two)."""
         if not self.name.startswith("fused") or d_state & (d_state - 1) == 0:
             return self
         if self.name == "fused" and self.strict:
-            raise VimexpError(f"kernel='fused' needs a power-of-two d_state, not {d_state}: use kernel=cuda")
-        return KernelBackend("cuda", self.strict)
+            raise VimexpError(f"kernel='fused' needs a power-of-two d_state, not {d_state}: use kernel=cuda or torch")
+        _note_once(f"kernel={self.name}: d_state {d_state} is no power of two, which the Triton kernels need: those "
+                   f"mixers run on the {_reference()} path")
+        return KernelBackend(_reference(), self.strict)
 
-    def runs_fused(self, batch: int, length: int, d_inner: int, d_state: int, dt_rank: int) -> bool:
-        """Whether this call of a bimamba v2 mixer runs on the Triton kernels: on `fused`, and on `fused_inference`
-        without gradients, where the shape fits their 32-bit offsets and grid."""
-        if not (self.name == "fused" or (self.name == "fused_inference" and not torch.is_grad_enabled())):
-            return False
-        from vimexp.ops import fused_mixer
-        if fused_mixer.fits(batch, length, d_inner, d_state, dt_rank):
-            return True
-        if self.name == "fused" and self.strict:
-            raise VimexpError(f"kernel='fused': batch {batch} x {length} tokens is too large for its 32-bit offsets "
-                              "and grid; use a smaller batch or kernel=fused_inference/cuda")
-        return False
+    def runs_fused(self) -> bool:
+        """Whether a bimamba v2 mixer runs on the Triton kernels now: on `fused` always (a batch too large for one
+        launch runs as several), on `fused_inference` where no gradient is taken."""
+        return self.name == "fused" or (self.name == "fused_inference" and not torch.is_grad_enabled())
 
     def bimixer(self, *args):
         """The whole bimamba v2 mixer between in_proj and out_proj (see fused_mixer.bimixer_channel_last)."""
@@ -141,3 +150,32 @@ def _cuda_ops() -> SimpleNamespace:
 
     return SimpleNamespace(selective_scan=selective_scan_fn, causal_conv1d=causal_conv1d_cuda, rms_norm=rms_norm_fn,
                            mixer_branch=mixer_branch)
+
+
+@functools.cache
+def _fused_ops() -> SimpleNamespace:
+    """The Triton add + RMSNorm; the reference path's conv and scan for the mixers the Triton kernels don't run."""
+    from vimexp.ops.fused_norm import rms_norm_triton
+    if _reference() == "cuda":
+        return SimpleNamespace(**{**vars(_cuda_ops()), "rms_norm": rms_norm_triton})
+    note = ("kernel=fused: a mixer its Triton kernels don't take (bimamba none/v1 of Tables 4-5, or a state size or "
+            "shape they can't tile) runs on plain PyTorch, slow on a GPU; `pip install -e '.[cuda]'` runs it on "
+            "mamba-ssm instead")
+    ops = _torch_ops()
+    return SimpleNamespace(selective_scan=_noting(ops.selective_scan, note), causal_conv1d=ops.causal_conv1d,
+                           rms_norm=rms_norm_triton, mixer_branch=None)
+
+
+def _noting(fn, note: str):
+    """fn, which has `note` said the first time it runs."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        _note_once(note)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+@functools.cache
+def _note_once(note: str):
+    """A fallback said once a process, on stderr."""
+    print(f"note: {note}", file=sys.stderr)

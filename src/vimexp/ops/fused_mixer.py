@@ -7,7 +7,9 @@
 Nothing is ever flipped: the backward direction reads its tokens from the end and its conv is the mirror-image
 (anti-causal) filter. The projections between the kernels are plain GEMMs in whichever layout the kernels use.
 
-Everything runs channel-last, (batch*L, channels): `bimixer_channel_last` / `SeqMixerFn`, in inference and training:
+Everything runs channel-last, (batch*L, channels): `bimixer_channel_last` and its custom ops
+(`vimexp::bimixer_scan`, `vimexp::bimixer_scan_backward`, which torch.compile and torch.export see as single nodes),
+in inference and training:
 - `_conv_fwd`: both convs + SiLU from one read of x;
 - `_scan_seq`: a program owns a block of channels of one direction and a chunk of tokens, keeps the (channels x N)
   states in registers and steps through its tokens one at a time, loading the next token's inputs before this one's
@@ -25,13 +27,13 @@ Block sizes: every launch takes a `Blocks` (`blocks=`), by default the tuned one
 SEQ_BWD, CONV_BLOCK, CONV_DPRE). A sweep passes its own (`with_blocks(seq_bwd=dict(BD=32))`, as
 `python -m vimexp.bench bench=mixer bench.sweep=true` does) instead of writing into the tuned tables.
 """
+import json
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 
 @triton.jit
@@ -383,58 +385,96 @@ def scan_seq(xc, bc, dt, z, A, D, dt_bias, batch, blocks: Blocks | None = None):
     return y2, hc, sc
 
 
-class SeqMixerFn(torch.autograd.Function):
-    """xz (batch*L, 2E) -> y2 (batch*L, 2E): SiLU(z) y_d of both directions side by side, channel-last."""
+def _blocks(blocks: str) -> Blocks:
+    """The ops take their blocks as JSON (a custom op's arguments are plain types); "" is the tuned blocks."""
+    return Blocks(**json.loads(blocks)) if blocks else tuned()
 
-    @staticmethod
-    def forward(ctx, xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, blocks=None):
-        blocks = blocks or tuned()
-        dtype, e, r = xz.dtype, xz.shape[1] // 2, dt_proj_w.shape[-1]
-        xc = conv_forward(xz, conv_w, conv_b, batch, blocks)
-        x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
-        dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
-        bc = x_dbl[..., r:].float().contiguous()  # float32 B, C: the scan loads them every step, bf16 costs unpacking
-        y2, hc, sc = scan_seq(xc, bc, dt, xz[:, e:], A, D, dt_bias, batch, blocks)
-        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc)
-        ctx.batch, ctx.blocks = batch, blocks
-        return y2
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy2):
-        xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc = ctx.saved_tensors
-        batch, blocks, dtype, (bl, e2) = ctx.batch, ctx.blocks, xz.dtype, xz.shape
-        length, e, r, n, k = bl // batch, e2 // 2, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
-        xc = conv_forward(xz, conv_w, conv_b, batch, blocks)  # recomputed, as dt is
-        wdt = dt_proj_w.to(dtype)
-        dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))
-        f32 = dict(device=xz.device, dtype=torch.float32)
-        du, ddt = torch.empty_like(xc), torch.empty_like(dt)
-        dbc, dz = torch.zeros(2, bl, 2 * n, **f32), torch.zeros(bl, e, **f32)
-        at = A.transpose(1, 2).contiguous()
-        dat, dD, ddt_bias = torch.zeros_like(at), torch.zeros_like(D), torch.zeros_like(dt_bias)
-        cfg, cl, nc, grid = _seq_launch(batch, length, e, backward=True, blocks=blocks)
-        hs = torch.empty(2, bl, n, e, device=xz.device, dtype=torch.float32 if dtype == torch.float32 else dtype)
-        gq = torch.empty(2, batch, nc, n, e, **f32)
-        hin = torch.empty(2, batch, nc, n, e, **f32) if nc > 1 else gq  # (one chunk: its entering state is zero)
-        for p in (0, 1) if nc > 1 else (1,):
-            _scan_seq_bwd[grid](xc, bc, dt, xz[:, e:], at, D, dt_bias, dy2.contiguous(), hc, sc, gq, hs, hin, du, ddt,
-                                dbc, dz, dat, dD, ddt_bias, length, batch, e, nc, cl, n, PASS=p, **cfg)
-        dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.to(dtype)], dim=2)  # (2, batch*L, R + 2N)
-        d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])
-        d_x_proj_w = torch.bmm(dx_dbl.transpose(1, 2), xc)
-        dxc = torch.baddbmm(du, dx_dbl, x_proj_w.to(dtype))
-        dpre = torch.empty(2, bl, e, **f32)
-        dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
-        dxz = torch.empty_like(xz)
-        conv, dpre_cfg = blocks.conv, blocks.conv_dpre
-        _conv_bwd_dpre[_dpre_grid(batch, length, e, dpre_cfg)](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length,
-                                                               1, e2, bl * e, 1, e, e, k, triton.next_power_of_2(k),
-                                                               **dpre_cfg)
-        _conv_bwd_dx[_conv_grid(batch, length, e, conv)](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **conv)
-        dxz[:, e:] = dz
-        return (dxz, None, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
-                d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2), dD, ddt_bias, None)
+@torch.library.custom_op("vimexp::bimixer_scan", mutates_args=())
+def _mixer_forward(xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor, x_proj_w: torch.Tensor,
+                   dt_proj_w: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, blocks: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xz (batch*L, 2E) -> y2 (batch*L, 2E), SiLU(z) y_d of both directions side by side, channel-last; then what
+    the backward starts from: x_dbl, float32 B and C, the chunk end states and summed deltas."""
+    blk = _blocks(blocks)
+    dtype, e, r = xz.dtype, xz.shape[1] // 2, dt_proj_w.shape[-1]
+    xc = conv_forward(xz, conv_w, conv_b, batch, blk)
+    x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
+    dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
+    bc = x_dbl[..., r:].float().contiguous()  # float32 B, C: the scan loads them every step, bf16 costs unpacking
+    y2, hc, sc = scan_seq(xc, bc, dt, xz[:, e:], A, D, dt_bias, batch, blk)
+    return y2, x_dbl, bc, hc, sc
+
+
+@_mixer_forward.register_fake
+def _(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, blocks):
+    (bl, e2), r, n = xz.shape, dt_proj_w.shape[-1], A.shape[-1]
+    _, _, nc, _ = _seq_launch(batch, bl // batch, e2 // 2, blocks=_blocks(blocks))
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(xz), xz.new_empty((2, bl, r + 2 * n)), xz.new_empty((2, bl, 2 * n), **f32),
+            xz.new_empty((2, batch, nc, n, e2 // 2), **f32), xz.new_empty((2, batch, nc, e2 // 2), **f32))
+
+
+@torch.library.custom_op("vimexp::bimixer_scan_backward", mutates_args=())
+def _mixer_backward(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor,
+                    x_proj_w: torch.Tensor, dt_proj_w: torch.Tensor, x_dbl: torch.Tensor, bc: torch.Tensor,
+                    A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, hc: torch.Tensor, sc: torch.Tensor,
+                    blocks: str) -> list[torch.Tensor]:
+    """The gradients of xz, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias."""
+    blk, dtype, (bl, e2) = _blocks(blocks), xz.dtype, xz.shape
+    length, e, r, n, k = bl // batch, e2 // 2, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
+    xc = conv_forward(xz, conv_w, conv_b, batch, blk)  # recomputed, as dt is
+    wdt = dt_proj_w.to(dtype)
+    dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))
+    f32 = dict(device=xz.device, dtype=torch.float32)
+    du, ddt = torch.empty_like(xc), torch.empty_like(dt)
+    dbc, dz = torch.zeros(2, bl, 2 * n, **f32), torch.zeros(bl, e, **f32)
+    at = A.transpose(1, 2).contiguous()
+    dat, dD, ddt_bias = torch.zeros_like(at), torch.zeros_like(D), torch.zeros_like(dt_bias)
+    cfg, cl, nc, grid = _seq_launch(batch, length, e, backward=True, blocks=blk)
+    hs = torch.empty(2, bl, n, e, device=xz.device, dtype=torch.float32 if dtype == torch.float32 else dtype)
+    gq = torch.empty(2, batch, nc, n, e, **f32)
+    hin = torch.empty(2, batch, nc, n, e, **f32) if nc > 1 else gq  # (one chunk: its entering state is zero)
+    for p in (0, 1) if nc > 1 else (1,):
+        _scan_seq_bwd[grid](xc, bc, dt, xz[:, e:], at, D, dt_bias, dy2.contiguous(), hc, sc, gq, hs, hin, du, ddt,
+                            dbc, dz, dat, dD, ddt_bias, length, batch, e, nc, cl, n, PASS=p, **cfg)
+    dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.to(dtype)], dim=2)  # (2, batch*L, R + 2N)
+    d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])
+    d_x_proj_w = torch.bmm(dx_dbl.transpose(1, 2), xc)
+    dxc = torch.baddbmm(du, dx_dbl, x_proj_w.to(dtype))
+    dpre = torch.empty(2, bl, e, **f32)
+    dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
+    dxz = torch.empty_like(xz)
+    conv, dpre_cfg = blk.conv, blk.conv_dpre
+    _conv_bwd_dpre[_dpre_grid(batch, length, e, dpre_cfg)](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length,
+                                                           1, e2, bl * e, 1, e, e, k, triton.next_power_of_2(k),
+                                                           **dpre_cfg)
+    _conv_bwd_dx[_conv_grid(batch, length, e, conv)](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **conv)
+    dxz[:, e:] = dz
+    return [dxz, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
+            d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2).contiguous(), dD, ddt_bias]
+
+
+@_mixer_backward.register_fake
+def _(dy2, xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc, blocks):
+    return [torch.empty_like(t) for t in (xz, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias)]
+
+
+def _save_for_backward(ctx, inputs, output):
+    xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, blocks = inputs
+    _, x_dbl, bc, hc, sc = output
+    ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc)
+    ctx.batch, ctx.blocks = batch, blocks
+
+
+def _mixer_gradients(ctx, dy2, *_):  # hand-written gradients: no second derivative (the backward op has none)
+    xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc = ctx.saved_tensors
+    grads = _mixer_backward(dy2, xz, ctx.batch, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc,
+                            sc, ctx.blocks)
+    return grads[0], None, *grads[1:], None
+
+
+_mixer_forward.register_autograd(_mixer_gradients, setup_context=_save_for_backward)
 
 
 def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, out_proj_w,
@@ -443,8 +483,12 @@ def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_
     carrying the halving. The two directions' gated outputs sit side by side, (batch*L, 2E), so out_proj sums them
     in its GEMM (weight [W, W]). blocks: every kernel's block configuration (default: the tuned one)."""
     xz = F.linear(hidden, in_proj_w.to(hidden.dtype))  # (batch*L, 2E)
-    y2 = SeqMixerFn.apply(xz, batch, conv_w.contiguous(), conv_b.contiguous(), x_proj_w, dt_proj_w, A.contiguous(),
-                          D.contiguous(), dt_bias.contiguous(), blocks)
+    length, n, r = xz.shape[0] // batch, A.shape[-1], dt_proj_w.shape[-1]
+    step = max_batch(length, conv_w.shape[1], n, r, blocks)  # a larger batch runs as several launches
+    params = (conv_w.contiguous(), conv_b.contiguous(), x_proj_w, dt_proj_w, A.contiguous(), D.contiguous(),
+              dt_bias.contiguous(), json.dumps(blocks._asdict()) if blocks else "")
+    y2 = torch.cat([_mixer_forward(part, part.shape[0] // length, *params)[0]
+                    for part in xz.split(step * length)]) if batch > step else _mixer_forward(xz, batch, *params)[0]
     return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(y2.dtype))
 
 
@@ -468,10 +512,14 @@ def conv_forward(xz, conv_w, conv_b, batch, blocks: Blocks | None = None):
     return xc
 
 
-def fits(batch: int, length: int, d_inner: int, d_state: int, dt_rank: int, blocks: Blocks | None = None) -> bool:
-    """Whether every buffer of the kernels stays within their 32-bit offsets and the batch within a grid axis."""
-    bl = batch * length
+MAX_ELEMENTS = 2 ** 31 - 1  # the kernels' offsets are 32-bit
+MAX_GRID_AXIS = 2 ** 16 - 1  # CUDA's limit on a grid's second axis (batch x chunks)
+
+
+def max_batch(length: int, d_inner: int, d_state: int, dt_rank: int, blocks: Blocks | None = None) -> int:
+    """The largest batch one launch takes: every buffer within 32-bit offsets, batch x chunks within a grid axis."""
     chunks = triton.cdiv(length, seq_config(length, blocks)["CL"])
-    largest = max(2 * d_inner * bl, 2 * (dt_rank + 2 * d_state) * bl, 2 * d_inner * d_state * bl,  # HS scratch
-                  2 * batch * d_inner * d_state * chunks)  # chunk states and adjoints
-    return largest < 2 ** 31 and batch * chunks < 2 ** 16
+    per_sample = max(2 * d_inner * length, 2 * (dt_rank + 2 * d_state) * length,
+                     2 * d_inner * d_state * length,  # the backward's state scratch
+                     2 * d_inner * d_state * chunks)  # chunk states and adjoints
+    return max(1, min(MAX_ELEMENTS // per_sample, MAX_GRID_AXIS // chunks))

@@ -1,6 +1,9 @@
 """Image classification as a LightningModule: DeiT's recipe (Mixup/CutMix, label smoothing, AdamW with no-decay
 groups, warmup + cosine per epoch, EMA evaluated beside the raw weights) around any registered backbone."""
+from itertools import pairwise
+
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -11,8 +14,32 @@ from timm.utils import ModelEmaV3
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from vimexp import VimexpError
+from vimexp.data.sampling import seeded
 from vimexp.models.backbone import build_backbone
 from vimexp.tasks.bookkeeping import RunBookkeeping
+
+
+def mixup_chunks(offset: int, batch: int, group: int | None) -> list[tuple[int, int, int]]:
+    """(group, start, stop): the pieces of a device's batch, global images offset .. offset + batch, that fall in one
+    group of `group` consecutive images of the global batch (None: the device's batch is one group)."""
+    group = group or batch
+    edges = sorted({0, batch, *range(group - offset % group, batch, group)})
+    return [((offset + a) // group, a, b) for a, b in pairwise(edges)]
+
+
+def group_mixup(mixup: Mixup, images, targets, offset: int, group: int | None, seed: int):
+    """timm's Mixup once per mixup group: its lambda, mixup-or-cutmix switch and box drawn from an RNG seeded by
+    (seed, group), pairs formed within the group's images on this device. As each official GPU mixes its own batch,
+    and the same on any number of devices: a group split over devices draws the same values on each of them."""
+    mixed = []
+    for gid, a, b in mixup_chunks(offset, len(images), group):
+        if (b - a) % 2:
+            raise VimexpError(f"mixup pairs images within a group, but {b - a} images of a group are on one device: "
+                              "make data.mixup_group and the per-device batch even")
+        with seeded(seed, gid):
+            mixed.append(mixup(images[a:b], targets[a:b]))
+    return torch.cat([x for x, _ in mixed]), torch.cat([y for _, y in mixed])
 
 
 class ClassificationTask(RunBookkeeping, L.LightningModule):
@@ -20,8 +47,9 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
 
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
                  *, monitor: str, mixup: float, cutmix: float, mixup_prob: float, mixup_switch_prob: float,
-                 mixup_mode: str, smoothing: float, ema_decay: float | None):
-        """The recipe's knobs (keyword arguments) have their defaults in conf/task/classification.yaml."""
+                 mixup_mode: str, smoothing: float, ema_decay: float | None, mixup_group: int | None = None):
+        """The recipe's knobs (keyword arguments) have their defaults in conf/task/classification.yaml;
+        mixup_group: images per mixup draw (data.mixup_group; None: a device's batch)."""
         super().__init__()
         self.save_hyperparameters()
         self.model = build_backbone(model)  # init_from: vimexp or official weights, pos_embed fitted to its grid
@@ -46,8 +74,10 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
     # ----- training
     def training_step(self, batch, batch_idx):
         images, targets = batch
-        if self.mixup is not None:
-            images, targets = self.mixup(images, targets)  # soft targets, label smoothing folded in
+        if self.mixup is not None:  # soft targets, label smoothing folded in
+            seed = int(np.random.randint(2**31))  # the same on every rank: the RNGs are seeded per batch, not per rank
+            images, targets = group_mixup(self.mixup, images, targets, self.global_rank * len(images),
+                                          self.hparams.mixup_group, seed)
             loss = SoftTargetCrossEntropy()(self.model(images), targets)
         else:
             loss = F.cross_entropy(self.model(images), targets, label_smoothing=self.hparams.smoothing)

@@ -35,6 +35,16 @@ def slide_logits(net, image: torch.Tensor, num_classes: int, crop: int, stride: 
     return logits / count
 
 
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, avg_non_ignore: bool = False) -> torch.Tensor:
+    """Pixel cross-entropy at the labels' size, ignored pixels contributing 0. avg_non_ignore=False (MMSeg's
+    CrossEntropyLoss default, the official configs) divides the sum by every pixel of the batch, the ignored and the
+    crop padding included; True averages over the labelled pixels only (PyTorch's mean with ignore_index)."""
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    if avg_non_ignore:
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum") / labels.numel()
+
+
 def _starts(size: int, crop: int, stride: int) -> list[int]:
     grids = max(size - crop + stride - 1, 0) // stride + 1
     return [max(min(i * stride + crop, size) - crop, 0) for i in range(grids)]
@@ -46,13 +56,13 @@ class SegmentationTask(RunBookkeeping, L.LightningModule):
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
                  *, monitor: str, decoder: str, out_indices: list[int], channels: int, aux_channels: int,
                  aux_convs: int, aux_weight: float, segmenter_depth: int, crop_size: int, slide_stride: int,
-                 num_preview: int):
+                 num_preview: int, feature: str | None = None, loss_avg_non_ignore: bool = False):
         """The recipe's knobs (keyword arguments) have their defaults in conf/task/segmentation.yaml."""
         super().__init__()
         self.save_hyperparameters()
         backbone = build_backbone(model, dense=True, img_size=crop_size)
         self.model = SegmentationModel(backbone, num_classes, decoder, out_indices, channels, aux_channels, aux_convs,
-                               segmenter_depth=segmenter_depth)
+                                       segmenter_depth=segmenter_depth, feature=feature)
         self.metrics = nn.ModuleDict({
             "mIoU": MulticlassJaccardIndex(num_classes, ignore_index=IGNORE, average="macro"),
             "mAcc": MulticlassAccuracy(num_classes, ignore_index=IGNORE, average="macro"),
@@ -69,10 +79,9 @@ class SegmentationTask(RunBookkeeping, L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, labels = batch
         logits, aux = self.model(images)
-        up = lambda t: F.interpolate(t, size=labels.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
-        loss = F.cross_entropy(up(logits), labels, ignore_index=IGNORE)
+        loss = seg_loss(logits, labels, self.hparams.loss_avg_non_ignore)
         if aux is not None:
-            loss = loss + self.hparams.aux_weight * F.cross_entropy(up(aux), labels, ignore_index=IGNORE)
+            loss = loss + self.hparams.aux_weight * seg_loss(aux, labels, self.hparams.loss_avg_non_ignore)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 

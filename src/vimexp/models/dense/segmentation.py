@@ -1,5 +1,7 @@
 """Semantic segmentation models on a plain backbone, in plain PyTorch: UperNet (PPM + FPN, as MMSeg's UPerHead) with
 the auxiliary FCN head on the simple feature pyramid (Table 2), and a Segmenter mask-transformer decoder (Table 4)."""
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -88,10 +90,14 @@ class SegmentationModel(nn.Module):
     mask transformer (Table 4)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, decoder: str = "upernet", out_indices=(5, 11, 17, 23),
-                 channels: int = 192, aux_channels: int = 256, aux_convs: int = 2, aux_index: int = 2,
-                 segmenter_depth: int = 2):
+                 channels: int = 192, aux_channels: int = 256, aux_convs: int = 1, aux_index: int = 2,
+                 segmenter_depth: int = 2, feature: str | None = None):
         super().__init__()
         self.backbone, self.decoder, self.out_indices, self.aux_index = backbone, decoder, tuple(out_indices), aux_index
+        self.feature = feature
+        if feature is not None and "feature" not in inspect.signature(backbone.forward_intermediates).parameters:
+            raise VimexpError(f"task.feature={feature} needs a backbone that can choose its features (Vim); "
+                              f"{type(backbone).__name__} has one kind: set task.feature=null")
         dim = backbone.embed_dim
         if decoder == "upernet":
             self.neck = SimpleFeaturePyramid(dim)
@@ -106,7 +112,13 @@ class SegmentationModel(nn.Module):
     def forward(self, x) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits at the decoder's stride (4 for UperNet, 16 for Segmenter), and the auxiliary head's (or None)."""
         if self.decoder == "segmenter":
-            return self.decode_head(intermediate_maps(self.backbone, x, self.out_indices[-1:])[0]), None
-        maps = self.neck(intermediate_maps(self.backbone, x, self.out_indices))
+            return self.decode_head(self._maps(x, self.out_indices[-1:])[0]), None
+        maps = self.neck(self._maps(x, self.out_indices))
         aux = self.aux_head(maps[self.aux_index]) if self.aux_head is not None and self.training else None
         return self.decode_head(maps), aux
+
+    def _maps(self, x, indices) -> list[torch.Tensor]:
+        if self.feature is None:  # the backbone's own kind of feature
+            return intermediate_maps(self.backbone, x, indices)
+        return self.backbone.forward_intermediates(x, indices=list(indices), intermediates_only=True,
+                                                   feature=self.feature)

@@ -1,0 +1,130 @@
+"""Add + RMSNorm in Triton, as a torch custom op (`vimexp::rms_norm`): what the fused path uses between the mixers,
+so that it needs nothing beyond torch and Triton. Same arguments and results as vimexp.ops.norm.rms_norm_torch
+(and mamba-ssm's rms_norm_fn, which the cuda path uses):
+
+    s = x + residual (in the residual's dtype; float32 with residual_in_fp32),  out = s / rms(s) * weight
+
+Forward: one program a row. Backward: each program walks a range of rows and keeps its share of the weight's
+gradient in registers, summed over programs at the end (a (programs, N) float32 buffer).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+BWD_PROGRAMS = 512  # the backward's programs: enough to fill an H200 (132 SMs) several times over
+
+
+@triton.jit
+def _rms_norm_fwd(X, R, W, Y, S, RSTD, N, eps, HAS_RESIDUAL: tl.constexpr, BN: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BN)
+    ok = cols < N
+    s = tl.load(X + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s += tl.load(R + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+    s = s.to(S.dtype.element_ty)  # the sum as stored (and as the reference normalises it)
+    tl.store(S + row * N + cols, s, mask=ok)
+    s = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / N + eps)
+    tl.store(RSTD + row, rstd)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + row * N + cols, s * rstd * w, mask=ok)
+
+
+@triton.jit
+def _rms_norm_bwd(DY, DS, S, W, RSTD, DX, DR, DW, M, N, ROWS, HAS_DS: tl.constexpr, HAS_DR: tl.constexpr,
+                  BN: tl.constexpr):
+    """d(sum) = rstd (w dy - s_hat mean(s_hat w dy)) (+ the gradient reaching the sum directly, with prenorm),
+    written to DX (x's dtype) and DR (the residual's); DW gets this program's sum of dy s_hat."""
+    cols = tl.arange(0, BN)
+    ok = cols < N
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BN], tl.float32)
+    start = tl.program_id(0) * ROWS
+    for row in range(start, tl.minimum(start + ROWS, M)):
+        s_hat = tl.load(S + row * N + cols, mask=ok, other=0.0).to(tl.float32) * tl.load(RSTD + row)
+        dy = tl.load(DY + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+        wdy = w * dy
+        dx = (wdy - s_hat * (tl.sum(s_hat * wdy, axis=0) / N)) * tl.load(RSTD + row)
+        if HAS_DS:
+            dx += tl.load(DS + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DX + row * N + cols, dx, mask=ok)
+        if HAS_DR:
+            tl.store(DR + row * N + cols, dx, mask=ok)
+        dw += dy * s_hat
+    tl.store(DW + tl.program_id(0) * N + cols, dw, mask=ok)
+
+
+def _sum_dtype(x, residual, residual_in_fp32: bool) -> torch.dtype:
+    return residual.dtype if residual is not None else torch.float32 if residual_in_fp32 else x.dtype
+
+
+@torch.library.custom_op("vimexp::rms_norm", mutates_args=())
+def _rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+              residual_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, sum, rstd) of rows x (M, N) (+ residual)."""
+    m, n = x.shape
+    y = torch.empty_like(x)
+    s = torch.empty(m, n, device=x.device, dtype=_sum_dtype(x, residual, residual_in_fp32))
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    _rms_norm_fwd[(m,)](x, residual, weight, y, s, rstd, n, eps, HAS_RESIDUAL=residual is not None,
+                        BN=triton.next_power_of_2(n))
+    return y, s, rstd
+
+
+@_rms_norm.register_fake
+def _(x, residual, weight, eps, residual_in_fp32):
+    s = x.new_empty(x.shape, dtype=_sum_dtype(x, residual, residual_in_fp32))
+    return torch.empty_like(x), s, x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("vimexp::rms_norm_backward", mutates_args=())
+def _rms_norm_backward(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
+                       rstd: torch.Tensor, x_dtype: torch.dtype, residual_dtype: Optional[torch.dtype]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dresidual (empty without a residual: an op returns no None), dweight)."""
+    m, n = s.shape
+    dx = torch.empty(m, n, device=s.device, dtype=x_dtype)
+    dr = torch.empty(0 if residual_dtype is None else m, n, device=s.device, dtype=residual_dtype or x_dtype)
+    programs = max(1, min(m, BWD_PROGRAMS))
+    rows = triton.cdiv(m, programs)
+    programs = triton.cdiv(m, rows)
+    dw = torch.empty(programs, n, device=s.device, dtype=torch.float32)
+    ds = None if ds is None else ds.contiguous()  # autograd may hand a broadcast zero
+    _rms_norm_bwd[(programs,)](dy.contiguous(), ds, s, weight, rstd, dx, dr, dw, m, n, rows, HAS_DS=ds is not None,
+                               HAS_DR=residual_dtype is not None, BN=triton.next_power_of_2(n))
+    return dx, dr, dw.sum(0).to(weight.dtype)
+
+
+@_rms_norm_backward.register_fake
+def _(dy, ds, s, weight, rstd, x_dtype, residual_dtype):
+    dr = s.new_empty((0 if residual_dtype is None else s.shape[0], s.shape[1]), dtype=residual_dtype or x_dtype)
+    return s.new_empty(s.shape, dtype=x_dtype), dr, torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, _, _ = inputs
+    _, s, rstd = output
+    ctx.save_for_backward(s, weight, rstd)
+    ctx.x_dtype, ctx.residual_dtype = x.dtype, None if residual is None else residual.dtype
+
+
+def _backward(ctx, dy, ds, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    dx, dr, dw = _rms_norm_backward(dy, ds, s, weight, rstd, ctx.x_dtype, ctx.residual_dtype)
+    return dx, dr if ctx.residual_dtype is not None else None, dw, None, None
+
+
+_rms_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm_triton(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+    """out = RMSNorm(x + residual); with prenorm also returns the sum (float32 if residual_in_fp32)."""
+    if bias is not None:
+        raise NotImplementedError("the Triton RMSNorm has no bias (Vim's norms have none)")
+    shape = x.shape
+    flat = lambda t: None if t is None else t.reshape(-1, shape[-1]).contiguous()  # noqa: E731
+    out, s, _ = _rms_norm(flat(x), flat(residual), weight, eps, residual_in_fp32)
+    return (out.view(shape), s.view(shape)) if prenorm else out.view(shape)
