@@ -195,3 +195,25 @@ def test_render_says_what_it_found_and_never_shrinks_a_table(tmp_path):
     fewer = render_only()
     assert fewer.returncode == 2 and "1 of 5 rows found, but" in fewer.stderr and "not overwritten" in fewer.stderr
     assert (tmp_path / "out" / "table4_builtin.csv").read_text() == written
+
+
+def _row_commands():
+    """(table, preset, label, the overrides `make <table>` trains that row with) of every trained row."""
+    from vimexp.tables import row_overrides, row_value, tasks_of
+    for name in ("table1", "table2", "table3", "table4", "table5", "table7"):
+        table = load_table(name)
+        for task, presets in tasks_of(table).items():
+            for preset, shared in presets.items():
+                for row in (r for r in table["rows"] if not r.get("cited") and row_value(r, preset)):
+                    yield pytest.param([f"table={name}", f"table_preset={preset}", *shared,
+                                        f"{table['sweep']}={row_value(row, preset)}", *row_overrides(row, preset)],
+                                       id=f"{name}-{task}-{preset}-{row['label']}")
+
+
+@pytest.mark.parametrize("argv", list(_row_commands()))
+def test_every_table_row_composes_through_the_cli_checks(argv, tmp_path):
+    """Each row's command passes the CLI's checks (choices, keys, nearest names) and Hydra's composition."""
+    from vimexp.cli import check_choices, preflight
+    check_choices(argv)
+    preflight("train", argv)
+    compose_cfg(argv, tmp_path)
