@@ -121,8 +121,8 @@ class KernelBackend:
 
 
 def backend(kernel: str = "auto", strict: bool | None = None) -> KernelBackend:
-    """Resolve a kernel name once, here, for this machine. strict (default: any kernel but auto) makes shapes and
-    state sizes the kernels can't take an error instead of a quiet fallback to mamba-ssm."""
+    """Resolve a kernel name once, here, for this machine. strict (default: any kernel but auto) makes a state size
+    the Triton kernels can't take an error instead of a fallback to mamba-ssm or PyTorch (said once)."""
     return KernelBackend(resolve_kernel(kernel), kernel != "auto" if strict is None else strict)
 
 
@@ -158,9 +158,9 @@ def _fused_ops() -> SimpleNamespace:
     from vimexp.ops.fused_norm import rms_norm_triton
     if _reference() == "cuda":
         return SimpleNamespace(**{**vars(_cuda_ops()), "rms_norm": rms_norm_triton})
-    note = ("kernel=fused: a mixer its Triton kernels don't take (bimamba none/v1 of Tables 4-5, or a state size or "
-            "shape they can't tile) runs on plain PyTorch, slow on a GPU; `pip install -e '.[cuda]'` runs it on "
-            "mamba-ssm instead")
+    note = ("kernel=fused: a mixer its Triton kernels don't take (bimamba none/v1 of Tables 4-5, or a state size "
+            "they can't tile) runs on plain PyTorch, slow on a GPU; `pip install -e '.[cuda]'` runs it on mamba-ssm "
+            "instead")
     ops = _torch_ops()
     return SimpleNamespace(selective_scan=_noting(ops.selective_scan, note), causal_conv1d=ops.causal_conv1d,
                            rms_norm=rms_norm_triton, mixer_branch=None)
