@@ -128,13 +128,18 @@ def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def is_group(key: str) -> bool:
+    """Whether a command-line key names a config group (conf/<key>/), not a config key."""
+    return "." not in key and (CONF_DIR / key).is_dir()
+
+
 def check_choices(argv: list[str]):
     """Unknown config-group options (experiment=foo, ablation=a,b, ...) fail in one line, naming the nearest choice
     and listing them all."""
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+")
-        if not sep or "." in key or not (CONF_DIR / key).is_dir() or "(" in value or value in ("null", ""):
+        if not sep or not is_group(key) or "(" in value or value in ("null", ""):
             continue
         choices = group_choices(key)
         for option in value.split(","):
@@ -150,8 +155,7 @@ def preflight(config_name: str, argv: list[str]):
     config once with the command line's group choices and paths."""
     from hydra import compose, initialize_config_dir
     pairs = [a.split("=", 1) for a in argv if "=" in a and not a.startswith(("+", "~", "-", "hydra."))]
-    choices = [f"{k}={v.split(',')[0]}" for k, v in pairs if ("." not in k and (CONF_DIR / k).is_dir())
-               or k.startswith("paths.")]
+    choices = [f"{k}={v.split(',')[0]}" for k, v in pairs if is_group(k) or k.startswith("paths.")]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=choices)
     log_dir = Path(cfg.paths.log_dir).absolute()
@@ -160,7 +164,7 @@ def preflight(config_name: str, argv: list[str]):
         raise VimexpError(f"can't write run directories under {log_dir}: {existing} is read-only or not writable; set "
                           "paths.log_dir=... (or VIMEXP_ROOT) to a writable place")
     groups = [g for g, _ in command_groups(config_name)]
-    for key in (k for k, _ in pairs if "/" not in k and not (CONF_DIR / k).is_dir()):  # a/b: Hydra's groups
+    for key in (k for k, _ in pairs if "/" not in k and not is_group(k)):  # a/b: Hydra's groups
         _check_key(cfg, key, groups)
 
 

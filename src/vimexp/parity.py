@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
-from vimexp.cli import CONF_DIR, setup
+from vimexp.cli import CONF_DIR, is_group, setup
 
 ROOT = CONF_DIR.parent
 SPEC = ROOT / "experiments" / "parity.yaml"
@@ -71,7 +71,7 @@ def compose(experiment: str, overrides: tuple[str, ...] = ()):
 
 
 def _is_group(key: str) -> bool:
-    return "/" in key or ("." not in key and (CONF_DIR / key).is_dir())
+    return "/" in key or is_group(key)
 
 
 class _NoInit(TorchFunctionMode):
@@ -137,11 +137,9 @@ def _is_dense(cfg) -> bool:
 
 
 def lr_effective(cfg) -> float:
-    """The lr the optimizer gets, as ClassificationTask.configure_optimizers / tasks.optim.dense_optimizers scale it."""
-    o, batch = cfg.optimizer, cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
-    if _is_dense(cfg):
-        return o.lr * batch / o.base_batch if o.get("scale_lr") else o.lr
-    return o.lr * batch / 512 if o.get("scale_lr", True) else o.lr
+    """The lr the optimizer gets, by the tasks' own rule (vimexp.tasks.optim.scaled_lr)."""
+    from vimexp.tasks.optim import scaled_lr
+    return scaled_lr(cfg.optimizer, cfg.data.batch_size * cfg.trainer.accumulate_grad_batches, _is_dense(cfg))
 
 
 def wd_exempt(cfg) -> str:

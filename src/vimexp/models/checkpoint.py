@@ -11,11 +11,11 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import constants, hf_hub_download
 from timm.layers import resample_abs_pos_embed
 
 from vimexp import VimexpError
+from vimexp.models.vim import resample_grid
 
 
 def read_checkpoint(path) -> dict:
@@ -144,10 +144,7 @@ def front_token_pos_embed(pos_embed: torch.Tensor, n: int, grid_size, keep: bool
     side = round(grid.shape[1] ** 0.5)
     if side * side != grid.shape[1]:
         raise VimexpError(f"checkpoint pos_embed has {pos_embed.shape[1]} rows: not {n} class row(s) and a square grid")
-    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)),  # bf16 / fp16 in fp32
-                         size=tuple(grid_size), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
+    grid = resample_grid(grid, grid_size)
     return torch.cat([pos_embed[:, :n], grid], 1) if keep else grid
 
 

@@ -191,6 +191,16 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def resample_grid(rows: torch.Tensor, grid_size) -> torch.Tensor:
+    """(1, side * side, D) position rows of a square patch grid, resampled bicubically to grid_size: (1, H * W, D).
+    Computed in float32 at least (bf16 / fp16 go up, float64 stays exact)."""
+    side = round(math.sqrt(rows.shape[1]))
+    grid = rows.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)), size=tuple(grid_size),
+                         mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).flatten(1, 2).to(rows.dtype)
+
+
 ROPE_PT_GRID = 14  # the official pt_hw_seq_len: the 14 x 14 grid of 224 px pretraining with 16 px patches
 
 
@@ -446,11 +456,7 @@ class VisionMamba(nn.Module):
                               f"{self.num_cls_tokens}: build the model with the checkpoint's pool")
         src_cls = cls_token_positions(src_pool, src_m)
         grid_rows = [i for i in range(pos_embed.shape[1]) if i not in src_cls]
-        grid = pos_embed[:, grid_rows].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)),  # bf16/fp16 in fp32, fp64 kept
-                             size=self.patch_embed.grid_size, mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
-        out = list(grid.unbind(1))
+        out = list(resample_grid(pos_embed[:, grid_rows], self.patch_embed.grid_size).unbind(1))
         if self.num_cls_tokens:
             for pos, src in zip(self.cls_positions(), src_cls):  # ascending positions: insert in order
                 out.insert(pos, pos_embed[:, src])

@@ -18,6 +18,7 @@ from vimexp import VimexpError
 from vimexp.data.sampling import seeded
 from vimexp.models.backbone import build_backbone
 from vimexp.tasks.bookkeeping import RunBookkeeping
+from vimexp.tasks.optim import scaled_lr
 
 
 def mixup_chunks(offset: int, batch: int, group: int | None) -> list[tuple[int, int, int]]:
@@ -100,8 +101,7 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
     # ----- optimisation: DeiT's recipe through timm
     def configure_optimizers(self):
         o, s = self.hparams.optimizer, self.hparams.scheduler
-        batch = self.hparams.global_batch_size * self.trainer.accumulate_grad_batches  # images an optimizer step
-        lr = o["lr"] * batch / 512 if o.get("scale_lr", True) else o["lr"]
+        lr = scaled_lr(o, self.hparams.global_batch_size * self.trainer.accumulate_grad_batches, dense=False)
         # no weight decay on 1-d params (norms, biases, D) and model.no_weight_decay(); 2-d A_log IS decayed (official)
         optimizer = create_optimizer_v2(self.model, opt=o["name"], lr=lr, weight_decay=o["weight_decay"],
                                         eps=o.get("eps", 1e-8), betas=tuple(o.get("betas", (0.9, 0.999))),

@@ -75,12 +75,19 @@ def multistep_with_warmup(step: int, milestones, warmup: int, warmup_ratio: floa
     return factor
 
 
+def scaled_lr(optimizer, images_per_step: int, dense: bool) -> float:
+    """The lr the optimizer gets: optimizer.lr x the images of an optimizer step / the recipe's base batch (512, as
+    DeiT's and the official Vim's main.py; a dense recipe's optimizer.base_batch, where scaling is off by default)."""
+    if not optimizer.get("scale_lr", not dense):
+        return optimizer["lr"]
+    return optimizer["lr"] * images_per_step / (optimizer["base_batch"] if dense else 512)
+
+
 def dense_optimizers(task) -> dict:
     """configure_optimizers of a dense task (its `model` has a `backbone`): AdamW over param_groups, and the
     scheduler config's per-iteration schedule (name poly or multistep)."""
     o, s = task.hparams.optimizer, task.hparams.scheduler
-    batch = task.hparams.global_batch_size * task.trainer.accumulate_grad_batches  # images an optimizer step
-    lr = o["lr"] * batch / o["base_batch"] if o.get("scale_lr") else o["lr"]
+    lr = scaled_lr(o, task.hparams.global_batch_size * task.trainer.accumulate_grad_batches, dense=True)
     groups = param_groups(task.model, lr, o["weight_decay"], o.get("layer_decay"),
                           o.get("layer_decay_mode", "official"), o.get("wd_exempt", "timm"))
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.get("betas", (0.9, 0.999))))
