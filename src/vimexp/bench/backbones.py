@@ -42,7 +42,7 @@ def build(spec: dict, res: int, neck: bool, kernel: str) -> torch.nn.Module:
 
 
 def _step_fn(model, x, mode, dtype, cuda_graph=False):
-    graphed = cuda_graph and x.device.type == "cuda" and mode == "inference"
+    graphed = cuda_graph and x.device.type == "cuda"
     autocast = torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
                               cache_enabled=not graphed)  # autocast's weight cache can't outlive a graph capture
     if mode == "inference":
@@ -53,26 +53,27 @@ def _step_fn(model, x, mode, dtype, cuda_graph=False):
                 model(x)
         return _cuda_graph(step) if graphed else step
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graphed)  # a graph keeps its step on the GPU
     target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
 
     def step():
+        opt.zero_grad(set_to_none=True)  # captured: the backward then writes fresh gradients on every replay
         with autocast:
             out = model(x)
             loss = F.cross_entropy(out, target) if torch.is_tensor(out) else sum(o.float().mean() for o in out)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return _cuda_graph(step) if graphed else step
 
 
 def _cuda_graph(step):
-    """Capture one forward as a CUDA graph and return its replay: one launch instead of hundreds, which is what
-    bounds a small-batch Vim forward (the host, not the GPU: ANCHORS.md)."""
+    """Capture one step (a forward, or a whole training step with its optimizer) as a CUDA graph and return its
+    replay: one launch instead of hundreds, which is what bounds a small-batch Vim forward and a fused Vim-Ti
+    training step at batch 128 (the host, not the GPU: docs/optimisation.md)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):  # warm up kernels and allocator outside the capture
+        for _ in range(3):  # warm up kernels, allocator and optimizer state outside the capture
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from vimexp.ops.custom_ops import eager_fast
+
 
 @triton.jit
 def _softplus(x):
@@ -229,9 +231,9 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     runs backwards in time and is carried between chunks as the states are: PASS 0 (several chunks only) writes
     each chunk's outgoing adjoint decay_first * g_first from a zero start; PASS 1 recomputes the chunk's states into
     the HS scratch (2, batch*L, N, E) and the state entering it into HIN (2, batch, NC, N, E), read back at its
-    first step rather than kept live in registers through the walk, then walks back through the chunk with the
-    adjoint carried in from the chunks after it, writing du, d(dt), dB, dC, dz and summing dA (transposed, like AT),
-    dD and d(bias). HS is read 4 channels a vector, so Triton lays each (N, BD) tile as 2 x 16 lanes: a lane holds 4
+    first step rather than kept live in registers through the walk (and, as it goes, writes dz and dC and sums dD),
+    then walks back through the chunk with the adjoint carried in from the chunks after it, writing du, d(dt), dB
+    and summing dA (transposed, like AT) and d(bias). HS is read 4 channels a vector, so Triton lays each (N, BD) tile as 2 x 16 lanes: a lane holds 4
     channels and 8 states, and the per-channel work repeats on 2 lanes rather than on 4 (16-byte vectors: 4 x 8)."""
     e = tl.program_id(0) * BD + tl.arange(0, BD)
     b = tl.program_id(1) // NC
@@ -250,13 +252,25 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
         h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)  # then every state of the chunk, into HS
         hin_ptr = HIN + (((d * B + b) * NC + c) * N + n[:, None]) * E + e[None, :]
         tl.store(hin_ptr, h, mask=e_ok[None, :] & (c > 0))
+        dD_acc = tl.zeros([BD], tl.float32)
         for i in tl.range(0, steps, num_stages=3):
             row = first + sgn * i
             u = tl.load(U + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32)
             delta = _softplus(tl.load(DT + (d * BL + row) * E + e, mask=e_ok, other=0.0).to(tl.float32) + bias)
             Bv = tl.load(BC + (d * BL + row) * 2 * N + n)
+            Cv = tl.load(BC + (d * BL + row) * 2 * N + N + n)
+            z = tl.load(Z + row * 2 * E + e, mask=e_ok, other=0.0).to(tl.float32)
+            zsig = tl.sigmoid(z)
+            dy2 = tl.load(DY2 + row * 2 * E + d * E + e, mask=e_ok, other=0.0).to(tl.float32)
+            dy = dy2 * z * zsig
             h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * u)[None, :]
             tl.store(hs_ptr + row * N * E, h, mask=e_ok[None, :])
+            # What needs the state and not the adjoint (dz through y, dC, dD) is done here, from the float32 state,
+            # not in the walk from the stored one: the walk then carries one tile fewer.
+            y = tl.sum(h * Cv[:, None], axis=0) + Dd * u
+            tl.atomic_add(DZ + row * E + e, dy2 * y * zsig * (1.0 + z * (1.0 - zsig)), mask=e_ok, sem="relaxed")
+            tl.atomic_add(DBC + (d * BL + row) * 2 * N + N + n, tl.sum(h * dy[None, :], axis=1), sem="relaxed")
+            dD_acc += dy * u
         tl.debug_barrier()
         gp = tl.zeros([N, BD], tl.float32)  # the adjoint arriving from the chunks after this one
         for k in range(NC - 1, c, -1):
@@ -268,11 +282,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     # The walk carries gp = decay_t g_t, what step t hands to step t-1: g_t = C_t dy_t + gp_{t+1}. Carrying g and
     # the next step's decay instead would hold one more (N, BD) tile live and cost one more multiply a state.
     dA_acc = tl.zeros([N, BD], tl.float32)
-    dD_acc = tl.zeros([BD], tl.float32)
     dbias_acc = tl.zeros([BD], tl.float32)
-    row = first + sgn * (steps - 1)
-    if PASS == 1:
-        h = tl.load(hs_ptr + row * N * E, mask=e_ok[None, :], other=0.0).to(tl.float32)
     for j in tl.range(0, steps, num_stages=3):  # Triton pipelines the step's loads (cp.async), 2 steps ahead
         i = steps - 1 - j
         row = first + sgn * i
@@ -292,20 +302,15 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
                 h_prev = tl.load(hs_ptr + (row - sgn) * N * E, mask=e_ok[None, :], other=0.0).to(tl.float32)
             else:
                 h_prev = tl.load(hin_ptr, mask=e_ok[None, :] & (c > 0), other=0.0)
-            y = tl.sum(h * Cv[:, None], axis=0) + Dd * u
-            tl.atomic_add(DZ + row * E + e, dy2 * y * zsig * (1.0 + z * (1.0 - zsig)), mask=e_ok, sem="relaxed")
             dh_dlog = gp * h_prev  # d loss / d(delta A) at this step
             gB = tl.sum(g * Bv[:, None], axis=0)
             ddelta = tl.sum(dh_dlog * A2, axis=0) * 0.6931471805599453 + gB * u  # A = A2 ln 2: A itself not kept live
             dA_acc += dh_dlog * delta[None, :]
             tl.store(DU + (d * BL + row) * E + e, gB * delta + Dd * dy, mask=e_ok)
-            dD_acc += dy * u
             ddt = tl.where(e_ok, ddelta * tl.where(dt_raw > 20.0, 1.0, tl.sigmoid(dt_raw)), 0.0)
             tl.store(DDT + (d * BL + row) * E + e, ddt, mask=e_ok)
             dbias_acc += ddt
             tl.atomic_add(DBC + (d * BL + row) * 2 * N + n, tl.sum(g * (delta * u)[None, :], axis=1), sem="relaxed")
-            tl.atomic_add(DBC + (d * BL + row) * 2 * N + N + n, tl.sum(h * dy[None, :], axis=1), sem="relaxed")
-            h = h_prev
     if PASS == 0:  # what this chunk sends to the one before it: decay at its first step times g there
         base = ((d * B + b) * NC + c) * E
         tl.store(GQ + base * N + n[:, None] * E + e[None, :], gp, mask=e_ok[None, :])
@@ -319,7 +324,10 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
 # Blocks of the channel-last kernels, by H100 and H200 sweeps (python -m vimexp.bench bench=mixer bench.sweep=true):
 # channels a program, tokens a chunk. The tuned values: read them, pass a Blocks to try others (with_blocks).
 SEQ = dict(BD=64, CL=256, num_warps=1)  # sequences of one chunk
-SEQ_LONG = dict(BD=32, CL=256, num_warps=1)  # longer ones (two passes): more, smaller programs ran 8% faster
+# Longer ones: two passes over chunks (more, smaller programs ran 8% faster), or one pass over the whole sequence
+# where the batch alone gives ONE_PASS programs (batch x 2 directions x channel blocks): at 1024 px (4,097 tokens)
+# and 1248 px (6,085), 1,536 programs ran one pass 1.25x faster than two, 768 ran it 1.3-2.2x slower (H200 sweep).
+SEQ_LONG = dict(BD=32, CL=256, num_warps=1, ONE_PASS=1024)
 SEQ_BWD = dict(BD=64, num_warps=1)  # _scan_seq_bwd (chunks as the forward's): 8-33% faster than 32 (H200 sweeps)
 CONV_BLOCK = dict(BE=32, BT=64)  # _conv_fwd, _conv_bwd_dx: channels and tokens a program
 CONV_DPRE = dict(BE=32, BT=16, SEG=256, num_warps=4)  # _conv_bwd_dpre: SEG tokens a program, in tiles of BT
@@ -328,7 +336,7 @@ CONV_DPRE = dict(BE=32, BT=16, SEG=256, num_warps=4)  # _conv_bwd_dpre: SEG toke
 class Blocks(NamedTuple):
     """The block configuration of every kernel launch (Triton constexprs and launch options)."""
     seq: dict  # _scan_seq at one chunk (length <= CL): BD, CL, num_warps
-    seq_long: dict  # _scan_seq at several chunks (two passes): BD, CL, num_warps
+    seq_long: dict  # _scan_seq at longer lengths: BD, CL, num_warps, ONE_PASS (programs for one pass)
     seq_bwd: dict  # _scan_seq_bwd: BD, num_warps (its chunks are the forward's)
     conv: dict  # _conv_fwd, _conv_bwd_dx: BE, BT
     conv_dpre: dict  # _conv_bwd_dpre: BE, BT, SEG, num_warps
@@ -362,6 +370,8 @@ def _seq_launch(batch, length, e, backward=False, blocks: Blocks | None = None):
     blocks = blocks or tuned()
     cfg = dict(seq_config(length, blocks))
     cl = cfg.pop("CL")
+    if batch * 2 * triton.cdiv(e, cfg["BD"]) >= cfg.pop("ONE_PASS", float("inf")):
+        cl = length  # one pass: the batch fills the GPU without chunks
     if backward:
         cfg = dict(blocks.seq_bwd)
     nc = triton.cdiv(length, cl)
@@ -369,6 +379,24 @@ def _seq_launch(batch, length, e, backward=False, blocks: Blocks | None = None):
 
 
 # ------------------------------------------------------------------------------------------------------ launch
+def aligned(n: int) -> int:
+    """n rounded up to a multiple of 8: 16 bytes of bf16, the alignment cuBLAS's fast kernels want of every
+    dimension and row stride."""
+    return -(-n // 8) * 8
+
+
+def aligned_projections(x_proj_w, dt_proj_w, dtype):
+    """x_proj (2, R + 2N, E) and dt_proj (2, E, R) in `dtype` with R padded to R' = aligned(R) by zero rows / columns,
+    so every GEMM around the scan is 16-byte aligned (2N is). Vim-Ti's R + 2N = 44 had put them on a slow unaligned
+    kernel: 21% of its mixer's training time (H200), where Vim-S's 56 was aligned already."""
+    r = dt_proj_w.shape[-1]
+    pad = aligned(r) - r
+    wx = x_proj_w.to(dtype)
+    if pad:
+        wx = torch.cat([F.pad(wx[:, :r], (0, 0, 0, pad)), wx[:, r:]], dim=1)
+    return wx, F.pad(dt_proj_w.to(dtype), (0, pad))
+
+
 def scan_seq(xc, bc, dt, z, A, D, dt_bias, batch, blocks: Blocks | None = None):
     """Both passes of _scan_seq over channel-last inputs: xc and dt (2, batch*L, E), B and C side by side in float32
     bc (2, batch*L, 2N), z a (batch*L, E) view with row stride 2E. Returns y2 (batch*L, 2E), SiLU(z) y_d of both
@@ -390,41 +418,45 @@ def _blocks(blocks: str) -> Blocks:
     return Blocks(**json.loads(blocks)) if blocks else tuned()
 
 
-@torch.library.custom_op("vimexp::bimixer_scan", mutates_args=())
-def _mixer_forward(xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor, x_proj_w: torch.Tensor,
+def _forward_impl(xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor, x_proj_w: torch.Tensor,
                    dt_proj_w: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, blocks: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """xz (batch*L, 2E) -> y2 (batch*L, 2E), SiLU(z) y_d of both directions side by side, channel-last; then what
     the backward starts from: x_dbl, float32 B and C, the chunk end states and summed deltas."""
     blk = _blocks(blocks)
-    dtype, e, r = xz.dtype, xz.shape[1] // 2, dt_proj_w.shape[-1]
+    e = xz.shape[1] // 2
     xc = conv_forward(xz, conv_w, conv_b, batch, blk)
-    x_dbl = torch.bmm(xc, x_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, R + 2N)
-    dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(dtype).transpose(1, 2))  # (2, batch*L, E)
+    wx, wdt = aligned_projections(x_proj_w, dt_proj_w, xz.dtype)
+    r = wdt.shape[-1]
+    x_dbl = torch.bmm(xc, wx.transpose(1, 2))  # (2, batch*L, R' + 2N)
+    dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))  # (2, batch*L, E)
     bc = x_dbl[..., r:].float().contiguous()  # float32 B, C: the scan loads them every step, bf16 costs unpacking
     y2, hc, sc = scan_seq(xc, bc, dt, xz[:, e:], A, D, dt_bias, batch, blk)
     return y2, x_dbl, bc, hc, sc
 
 
+_mixer_forward = torch.library.custom_op("vimexp::bimixer_scan", _forward_impl, mutates_args=())
+
+
 @_mixer_forward.register_fake
 def _(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, blocks):
-    (bl, e2), r, n = xz.shape, dt_proj_w.shape[-1], A.shape[-1]
+    (bl, e2), r, n = xz.shape, aligned(dt_proj_w.shape[-1]), A.shape[-1]
     _, _, nc, _ = _seq_launch(batch, bl // batch, e2 // 2, blocks=_blocks(blocks))
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(xz), xz.new_empty((2, bl, r + 2 * n)), xz.new_empty((2, bl, 2 * n), **f32),
             xz.new_empty((2, batch, nc, n, e2 // 2), **f32), xz.new_empty((2, batch, nc, e2 // 2), **f32))
 
 
-@torch.library.custom_op("vimexp::bimixer_scan_backward", mutates_args=())
-def _mixer_backward(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor,
+def _backward_impl(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor,
                     x_proj_w: torch.Tensor, dt_proj_w: torch.Tensor, x_dbl: torch.Tensor, bc: torch.Tensor,
                     A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, hc: torch.Tensor, sc: torch.Tensor,
                     blocks: str) -> list[torch.Tensor]:
     """The gradients of xz, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias."""
     blk, dtype, (bl, e2) = _blocks(blocks), xz.dtype, xz.shape
-    length, e, r, n, k = bl // batch, e2 // 2, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
+    length, e, r0, n, k = bl // batch, e2 // 2, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
     xc = conv_forward(xz, conv_w, conv_b, batch, blk)  # recomputed, as dt is
-    wdt = dt_proj_w.to(dtype)
+    wx, wdt = aligned_projections(x_proj_w, dt_proj_w, dtype)
+    r = wdt.shape[-1]
     dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))
     f32 = dict(device=xz.device, dtype=torch.float32)
     du, ddt = torch.empty_like(xc), torch.empty_like(dt)
@@ -438,10 +470,11 @@ def _mixer_backward(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: tor
     for p in (0, 1) if nc > 1 else (1,):
         _scan_seq_bwd[grid](xc, bc, dt, xz[:, e:], at, D, dt_bias, dy2.contiguous(), hc, sc, gq, hs, hin, du, ddt,
                             dbc, dz, dat, dD, ddt_bias, length, batch, e, nc, cl, n, PASS=p, **cfg)
-    dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.to(dtype)], dim=2)  # (2, batch*L, R + 2N)
-    d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])
+    dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.to(dtype)], dim=2)  # (2, batch*L, R' + 2N)
+    d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])[..., :r0]
     d_x_proj_w = torch.bmm(dx_dbl.transpose(1, 2), xc)
-    dxc = torch.baddbmm(du, dx_dbl, x_proj_w.to(dtype))
+    d_x_proj_w = torch.cat([d_x_proj_w[:, :r0], d_x_proj_w[:, r:]], dim=1)  # the padding rows dropped
+    dxc = torch.baddbmm(du, dx_dbl, wx)
     dpre = torch.empty(2, bl, e, **f32)
     dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
     dxz = torch.empty_like(xz)
@@ -453,6 +486,9 @@ def _mixer_backward(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: tor
     dxz[:, e:] = dz
     return [dxz, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
             d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2).contiguous(), dD, ddt_bias]
+
+
+_mixer_backward = torch.library.custom_op("vimexp::bimixer_scan_backward", _backward_impl, mutates_args=())
 
 
 @_mixer_backward.register_fake
@@ -469,12 +505,14 @@ def _save_for_backward(ctx, inputs, output):
 
 def _mixer_gradients(ctx, dy2, *_):  # hand-written gradients: no second derivative (the backward op has none)
     xz, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc, sc = ctx.saved_tensors
-    grads = _mixer_backward(dy2, xz, ctx.batch, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc,
+    backward = _backward_impl if getattr(ctx, "eager", False) else _mixer_backward
+    grads = backward(dy2, xz, ctx.batch, conv_w, conv_b, x_proj_w, dt_proj_w, x_dbl, bc, A, D, dt_bias, hc,
                             sc, ctx.blocks)
     return grads[0], None, *grads[1:], None
 
 
 _mixer_forward.register_autograd(_mixer_gradients, setup_context=_save_for_backward)
+mixer_forward = eager_fast(_mixer_forward, _forward_impl, _save_for_backward, _mixer_gradients, differentiable=1)
 
 
 def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, out_proj_w,
@@ -487,8 +525,8 @@ def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_
     step = max_batch(length, conv_w.shape[1], n, r, blocks)  # a larger batch runs as several launches
     params = (conv_w.contiguous(), conv_b.contiguous(), x_proj_w, dt_proj_w, A.contiguous(), D.contiguous(),
               dt_bias.contiguous(), json.dumps(blocks._asdict()) if blocks else "")
-    y2 = torch.cat([_mixer_forward(part, part.shape[0] // length, *params)[0]
-                    for part in xz.split(step * length)]) if batch > step else _mixer_forward(xz, batch, *params)[0]
+    y2 = torch.cat([mixer_forward(part, part.shape[0] // length, *params)[0]
+                    for part in xz.split(step * length)]) if batch > step else mixer_forward(xz, batch, *params)[0]
     return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(y2.dtype))
 
 
@@ -519,7 +557,7 @@ MAX_GRID_AXIS = 2 ** 16 - 1  # CUDA's limit on a grid's second axis (batch x chu
 def max_batch(length: int, d_inner: int, d_state: int, dt_rank: int, blocks: Blocks | None = None) -> int:
     """The largest batch one launch takes: every buffer within 32-bit offsets, batch x chunks within a grid axis."""
     chunks = triton.cdiv(length, seq_config(length, blocks)["CL"])
-    per_sample = max(2 * d_inner * length, 2 * (dt_rank + 2 * d_state) * length,
+    per_sample = max(2 * d_inner * length, 2 * (aligned(dt_rank) + 2 * d_state) * length,
                      2 * d_inner * d_state * length,  # the backward's state scratch
                      2 * d_inner * d_state * chunks)  # chunk states and adjoints
     return max(1, min(MAX_ELEMENTS // per_sample, MAX_GRID_AXIS // chunks))

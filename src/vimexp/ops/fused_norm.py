@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vimexp.ops.custom_ops import eager_fast
+
 BWD_PROGRAMS = 512  # the backward's programs: enough to fill an H200 (132 SMs) several times over
 
 
@@ -61,8 +63,7 @@ def _sum_dtype(x, residual, residual_in_fp32: bool) -> torch.dtype:
     return residual.dtype if residual is not None else torch.float32 if residual_in_fp32 else x.dtype
 
 
-@torch.library.custom_op("vimexp::rms_norm", mutates_args=())
-def _rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+def _forward_impl(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
               residual_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, sum, rstd) of rows x (M, N) (+ residual)."""
     m, n = x.shape
@@ -74,14 +75,16 @@ def _rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.T
     return y, s, rstd
 
 
+_rms_norm = torch.library.custom_op("vimexp::rms_norm", _forward_impl, mutates_args=())
+
+
 @_rms_norm.register_fake
 def _(x, residual, weight, eps, residual_in_fp32):
     s = x.new_empty(x.shape, dtype=_sum_dtype(x, residual, residual_in_fp32))
     return torch.empty_like(x), s, x.new_empty(x.shape[:1], dtype=torch.float32)
 
 
-@torch.library.custom_op("vimexp::rms_norm_backward", mutates_args=())
-def _rms_norm_backward(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
+def _backward_impl(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
                        rstd: torch.Tensor, x_dtype: torch.dtype, residual_dtype: Optional[torch.dtype]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dresidual (empty without a residual: an op returns no None), dweight)."""
@@ -96,6 +99,9 @@ def _rms_norm_backward(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Te
     _rms_norm_bwd[(programs,)](dy.contiguous(), ds, s, weight, rstd, dx, dr, dw, m, n, rows, HAS_DS=ds is not None,
                                HAS_DR=residual_dtype is not None, BN=triton.next_power_of_2(n))
     return dx, dr, dw.sum(0).to(weight.dtype)
+
+
+_rms_norm_backward = torch.library.custom_op("vimexp::rms_norm_backward", _backward_impl, mutates_args=())
 
 
 @_rms_norm_backward.register_fake
@@ -113,11 +119,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
-    dx, dr, dw = _rms_norm_backward(dy, ds, s, weight, rstd, ctx.x_dtype, ctx.residual_dtype)
+    backward = _backward_impl if getattr(ctx, "eager", False) else _rms_norm_backward
+    dx, dr, dw = backward(dy, ds, s, weight, rstd, ctx.x_dtype, ctx.residual_dtype)
     return dx, dr if ctx.residual_dtype is not None else None, dw, None, None
 
 
 _rms_norm.register_autograd(_backward, setup_context=_setup_context)
+rms_norm = eager_fast(_rms_norm, _forward_impl, _setup_context, _backward, differentiable=2)
 
 
 def rms_norm_triton(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
@@ -126,5 +134,5 @@ def rms_norm_triton(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False
         raise NotImplementedError("the Triton RMSNorm has no bias (Vim's norms have none)")
     shape = x.shape
     flat = lambda t: None if t is None else t.reshape(-1, shape[-1]).contiguous()  # noqa: E731
-    out, s, _ = _rms_norm(flat(x), flat(residual), weight, eps, residual_in_fp32)
+    out, s, _ = rms_norm(flat(x), flat(residual), weight, eps, residual_in_fp32)
     return (out.view(shape), s.view(shape)) if prenorm else out.view(shape)
