@@ -38,14 +38,21 @@ class SaveConfig(L.Callback):
 class StopOnDivergence(L.Callback):
     """A non-finite loss or gradient norm (on any rank) stops the run with a one-line error naming the step, before the
     optimizer applies it, so last.ckpt keeps the last good weights. `max_skips` lets that many bad steps pass without
-    an update first (bf16 spikes). Under fp16 loss scaling, inf gradients are the scaler's to skip."""
+    an update first (bf16 spikes). Under fp16 loss scaling, inf gradients are the scaler's to skip.
 
-    def __init__(self, max_skips: int = 0):
-        self.max_skips, self.skipped = max_skips, 0
-        self._bad = None
+    With a fused Adam(W) (the tasks' default) the check costs no GPU sync: the optimizer skips a flagged step on the
+    device (its `found_inf`, as under AMP's GradScaler), the flagged steps are noted on the device, and the host reads
+    them every `check_every` steps, before every checkpoint (a run that diverged stops there, unwritten) and at the
+    end of an epoch. A sync a step had held a
+    Vim-S CLI step on the host's launches. Any other optimizer is checked, and its step skipped, step by step."""
+
+    def __init__(self, max_skips: int = 0, check_every: int = 50):
+        self.max_skips, self.skipped, self.check_every = max_skips, 0, check_every
+        self._bad = None  # this step's non-finite loss, on the device
+        self._flagged = None  # (steps seen since the last look, 2): each step's number where flagged, -1 elsewhere
 
     def on_before_backward(self, trainer, pl_module, loss):
-        bad = ~torch.isfinite(loss.detach())  # kept on the device: one sync a step, in on_before_optimizer_step
+        bad = ~torch.isfinite(loss.detach())
         self._bad = bad if self._bad is None else self._bad | bad
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -57,23 +64,50 @@ class StopOnDivergence(L.Callback):
         bad = bad_loss | (~torch.isfinite(norm) if norm is not None else False)
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad.float(), reduce_op="max") > 0
-        if not bad.item():
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaled:
+            optimizer.found_inf = bad.float()  # the fused step leaves parameters and moments as they were
+            step = torch.full((), trainer.global_step, device=bad.device)
+            flags = torch.stack([torch.where(bad, step, -1), torch.where(bad_loss, step, -1)])
+            self._flagged = flags[None] if self._flagged is None else torch.cat([self._flagged, flags[None]])
+            if len(self._flagged) >= self.check_every:
+                self._look(trainer)
             return
-        what = "loss" if bad_loss.item() else "gradient norm"
-        if self.skipped < self.max_skips:
-            self.skipped += 1
+        if bad.item():
+            self._judge(trainer, trainer.global_step, bool(bad_loss.item()))
             for p in pl_module.parameters():
                 p.grad = None  # the optimizer leaves parameters without gradients alone
-            rank_zero_info(f"step {trainer.global_step}: non-finite {what}, update skipped ({self.skipped} of "
+
+    def _look(self, trainer):
+        """Judge the steps flagged on the device since the last look, in order."""
+        flagged, self._flagged = self._flagged, None
+        if flagged is not None:
+            for step, loss_step in flagged.tolist():
+                if step >= 0:
+                    self._judge(trainer, step, loss_step >= 0)
+
+    def _judge(self, trainer, step: int, bad_loss: bool):
+        """A skipped step within max_skips is said; the one beyond stops the run."""
+        what = "loss" if bad_loss else "gradient norm"
+        if self.skipped < self.max_skips:
+            self.skipped += 1
+            rank_zero_info(f"step {step}: non-finite {what}, update skipped ({self.skipped} of "
                            f"callbacks.divergence.max_skips={self.max_skips})")
             return
         last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint was written"
-        raise VimexpError(f"training diverged at step {trainer.global_step} (epoch {trainer.current_epoch}): "
+        raise VimexpError(f"training diverged at step {step} (epoch {trainer.current_epoch}): "
                           f"non-finite {what}; {kept}. Lower optimizer.lr, or let bad steps pass with "
                           "callbacks.divergence.max_skips=K")
 
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._look(trainer)
+
+    def setup(self, trainer, pl_module, stage):
+        self._trainer = trainer
+
     def state_dict(self):
+        self._look(self._trainer)  # the count saved includes every step taken so far
         return {"skipped": self.skipped}
 
     def load_state_dict(self, state_dict):

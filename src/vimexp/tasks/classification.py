@@ -59,7 +59,7 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
         if mixup > 0 or cutmix > 0:
             self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
                                mode=mixup_mode, label_smoothing=smoothing, num_classes=num_classes)
-        self.train_loss = MeanMetric()
+        self.train_loss = MeanMetric(nan_strategy="disable")  # its NaN check syncs the GPU; the divergence check sees NaN
         self.val_acc = torch.nn.ModuleDict({
             f"{w}_{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
             for w in (["raw", "ema"] if self.ema else ["raw"]) for k in (1, min(5, num_classes))})
@@ -105,7 +105,8 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
         # no weight decay on 1-d params (norms, biases, D) and model.no_weight_decay(); 2-d A_log IS decayed (official)
         optimizer = create_optimizer_v2(self.model, opt=o["name"], lr=lr, weight_decay=o["weight_decay"],
                                         eps=o.get("eps", 1e-8), betas=tuple(o.get("betas", (0.9, 0.999))),
-                                        layer_decay=o.get("layer_decay"))
+                                        layer_decay=o.get("layer_decay"),
+                                        **({"fused": True} if o["name"] in ("adam", "adamw") else {}))
         self.lr_schedule = CosineLRScheduler(optimizer, t_initial=s["epochs"], lr_min=s["min_lr"],
                                              warmup_t=s["warmup_epochs"], warmup_lr_init=s["warmup_lr"])
         return optimizer

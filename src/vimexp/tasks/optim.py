@@ -90,7 +90,7 @@ def dense_optimizers(task) -> dict:
     lr = scaled_lr(o, task.hparams.global_batch_size * task.trainer.accumulate_grad_batches, dense=True)
     groups = param_groups(task.model, lr, o["weight_decay"], o.get("layer_decay"),
                           o.get("layer_decay_mode", "official"), o.get("wd_exempt", "timm"))
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.get("betas", (0.9, 0.999))))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.get("betas", (0.9, 0.999))), fused=True)
     total, name = task.trainer.estimated_stepping_batches, s.get("name", "poly")
     if name == "poly":
         factor = lambda step: poly_with_warmup(step, total, s["warmup_steps"], s.get("warmup_ratio", 1e-6),  # noqa: E731
