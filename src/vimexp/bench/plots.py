@@ -16,7 +16,7 @@ def img_per_sec(path: Path) -> dict[str, float]:
         return {r["model"]: float(r["img_per_sec"]) for r in csv.DictReader(f) if r.get("img_per_sec")}
 
 
-def speedup_figure(panels: list[dict], title: str, path: Path, size=(11, 3.8), dpi=110) -> Path:
+def speedup_figure(panels: list[dict], title: str, path: Path, size=(14, 3.8), dpi=110) -> Path:
     """One panel per {title, csv, bars: {label: model}}: the bars' img/s and their ratio to the panel's first."""
     import matplotlib
     matplotlib.use("Agg")
