@@ -182,3 +182,33 @@ def test_wandb_gets_the_whole_run_config(tiny_data, tmp_path, monkeypatch):
         assert logged["model"]["depth"] == 2  # and the task's own arguments, as before
     finally:
         wandb.finish()
+
+
+def test_training_images_per_second_leave_out_the_epochs_validation():
+    """img/s counts the epoch's training batches after the first, up to the last one's end: what runs after it (the
+    validation, the checkpoints) is not training time."""
+    import time
+    from types import SimpleNamespace
+
+    from vimexp.tasks.bookkeeping import RunBookkeeping
+
+    class Task(RunBookkeeping):
+        trainer = SimpleNamespace(num_training_batches=4, world_size=2)
+        logged = {}
+
+        def log(self, name, value):
+            self.logged[name] = value
+
+    task, batch = Task(), (torch.zeros(8, 3), None)
+    task.on_train_epoch_start()
+    t0 = time.perf_counter()
+    for i in range(4):
+        time.sleep(0.05)
+        task.on_train_batch_end(None, batch, i)
+        if i == 0:
+            t0 = time.perf_counter()
+    training = time.perf_counter() - t0
+    time.sleep(0.5)  # the validation
+    task.on_train_epoch_end()
+    assert task.logged["train/img_per_sec"] == task.img_per_sec
+    assert 3 * 8 * 2 / training < task.img_per_sec < 3 * 8 * 2 / 0.15 * 1.01  # 24 images a process, 2 processes

@@ -43,13 +43,14 @@ class StopOnDivergence(L.Callback):
     With a fused Adam(W) (the tasks' default) the check costs no GPU sync: the optimizer skips a flagged step on the
     device (its `found_inf`, as under AMP's GradScaler), the flagged steps are noted on the device, and the host reads
     them every `check_every` steps, before every checkpoint (a run that diverged stops there, unwritten) and at the
-    end of an epoch. A sync a step had held a
-    Vim-S CLI step on the host's launches. Any other optimizer is checked, and its step skipped, step by step."""
+    end of an epoch: a sync a step had held the host's launches back (docs/optimisation.md, step 26).
+    Any other optimizer is checked, and its step skipped, step by step."""
 
     def __init__(self, max_skips: int = 0, check_every: int = 50):
         self.max_skips, self.skipped, self.check_every = max_skips, 0, check_every
         self._bad = None  # this step's non-finite loss, on the device
         self._flagged = None  # (steps seen since the last look, 2): each step's number where flagged, -1 elsewhere
+        self._trainer = None
 
     def on_before_backward(self, trainer, pl_module, loss):
         bad = ~torch.isfinite(loss.detach())

@@ -8,19 +8,20 @@ Nothing is ever flipped: the backward direction reads its tokens from the end an
 (anti-causal) filter. The projections between the kernels are plain GEMMs in whichever layout the kernels use.
 
 Everything runs channel-last, (batch*L, channels): `bimixer_channel_last` and its custom ops
-(`vimexp::bimixer_scan`, `vimexp::bimixer_scan_backward`, which torch.compile and torch.export see as single nodes),
-in inference and training:
+(`vimexp::bimixer_scan`, `vimexp::bimixer_scan_backward`, which torch.compile and torch.export see as single nodes;
+eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and training:
 - `_conv_fwd`: both convs + SiLU from one read of x;
 - `_scan_seq`: a program owns a block of channels of one direction and a chunk of tokens, keeps the (channels x N)
   states in registers and steps through its tokens one at a time, loading the next token's inputs before this one's
-  arithmetic. Long sequences run in two passes (chunk end states, then the outputs from the carried-in state);
-  each direction writes SiLU(z) y_d beside the other, and out_proj adds the two in its GEMM;
+  arithmetic. Long sequences run in two passes (chunk end states, then the outputs from the carried-in state),
+  or in one where the batch alone fills the GPU (SEQ_LONG's ONE_PASS); each direction writes SiLU(z) y_d beside the other, and out_proj adds the two in its GEMM;
 - `_scan_seq_bwd`: the same programs backwards in time: the chunk's states recomputed into a scratch buffer, then
   the adjoint walked back, carried between chunks as the states are (a first pass of chunk aggregates);
 - `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is recomputed, not kept).
+The GEMMs between them (x_proj, dt_proj) get dimensions padded to 16 bytes (`aligned_projections`).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
-to: docs/optimisation.md (H200, bf16: Vim-S training 2.25x the mamba-ssm path, Vim-Ti inference at 1248 px
-1.55-1.66x). The first training design, associative scans over channel-major tiles, ran at 0.4x and was deleted
+to: docs/optimisation.md (H200, bf16: training Vim-S 2.35x and Vim-Ti 1.91x the mamba-ssm path, Vim-Ti inference
+at 1248 px 1.69x). The first training design, associative scans over channel-major tiles, ran at 0.4x and was deleted
 after 603f838; docs/optimisation.md keeps its measurements.
 
 Block sizes: every launch takes a `Blocks` (`blocks=`), by default the tuned one (`tuned()`: the tables SEQ, SEQ_LONG,
@@ -233,8 +234,9 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     the HS scratch (2, batch*L, N, E) and the state entering it into HIN (2, batch, NC, N, E), read back at its
     first step rather than kept live in registers through the walk (and, as it goes, writes dz and dC and sums dD),
     then walks back through the chunk with the adjoint carried in from the chunks after it, writing du, d(dt), dB
-    and summing dA (transposed, like AT) and d(bias). HS is read 4 channels a vector, so Triton lays each (N, BD) tile as 2 x 16 lanes: a lane holds 4
-    channels and 8 states, and the per-channel work repeats on 2 lanes rather than on 4 (16-byte vectors: 4 x 8)."""
+    and summing dA (transposed, like AT) and d(bias). HS is read 4 channels a vector, so Triton lays each (N, BD)
+    tile as 2 x 16 lanes: a lane holds 4 channels and 8 states, and the per-channel work repeats on 2 lanes rather
+    than on 4 (16-byte vectors: 4 x 8)."""
     e = tl.program_id(0) * BD + tl.arange(0, BD)
     b = tl.program_id(1) // NC
     c = tl.program_id(1) % NC

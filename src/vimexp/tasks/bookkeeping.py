@@ -8,8 +8,9 @@ import torch
 
 class RunBookkeeping:
     """Mixin for a LightningModule (list it first): tasks append their validation metrics to `self.history`;
-    `self.img_per_sec` is measured from the second batch of each epoch on (worker start-up and lazy initialisation
-    excluded). Tasks that override these hooks call super()."""
+    `self.img_per_sec` is measured from the second batch of each epoch to its last (worker start-up and lazy
+    initialisation excluded, and the validation and checkpoints at the epoch's end too: docs/optimisation.md, step 26).
+    Tasks that override these hooks call super()."""
 
     history: list
     img_per_sec: float | None = None
@@ -31,16 +32,19 @@ class RunBookkeeping:
         self._timer = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if batch_idx + 1 >= self.trainer.num_training_batches and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the epoch's last batch: the clock stops when the GPU is done with it
+        now = time.perf_counter()
         if self._timer is None:
-            self._timer = [time.perf_counter(), 0]
+            self._timer = [now, 0, now]  # (start, images since, the latest batch's end)
         else:
             self._timer[1] += batch[0].shape[0]
+            self._timer[2] = now
 
     def on_train_epoch_end(self):
         if self._timer and self._timer[1]:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.img_per_sec = self._timer[1] * self.trainer.world_size / (time.perf_counter() - self._timer[0])
+            start, images, end = self._timer
+            self.img_per_sec = images * self.trainer.world_size / (end - start)
             self.log("train/img_per_sec", self.img_per_sec)
 
 

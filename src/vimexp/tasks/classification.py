@@ -59,7 +59,7 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
         if mixup > 0 or cutmix > 0:
             self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
                                mode=mixup_mode, label_smoothing=smoothing, num_classes=num_classes)
-        self.train_loss = MeanMetric(nan_strategy="disable")  # its NaN check syncs the GPU; the divergence check sees NaN
+        self.train_loss = MeanMetric(nan_strategy="disable")  # its NaN check syncs the GPU; StopOnDivergence sees NaN
         self.val_acc = torch.nn.ModuleDict({
             f"{w}_{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
             for w in (["raw", "ema"] if self.ema else ["raw"]) for k in (1, min(5, num_classes))})
