@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import ROOT, run_cli
 from vimexp.bench import backbones as bench_mod
@@ -137,3 +138,29 @@ def test_sweep_blocks_reach_the_kernels_and_leave_the_tuned_ones_alone():
     with pytest.raises(Exception, match="power of 2"):
         with torch.no_grad():
             fused(xf)
+
+
+def test_loader_bench_times_each_worker_count_on_generated_photo_jpegs(tmp_path):
+    run = run_cli("bench", "bench=loader", "bench.workers=[0,2]", "bench.batch=4", "bench.batches=3",
+                  f"bench.root={tmp_path / 'jpegs'}",
+                  "bench.generate={classes:2,train_per_class:12,val_per_class:2,width:80,height:60}",
+                  f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["workers"] for r in record["rows"]] == [0, 2] and all(r["img_per_sec"] > 0 for r in record["rows"])
+    assert record["rows"][1]["img_per_sec_per_worker"] == pytest.approx(record["rows"][1]["img_per_sec"] / 2, abs=0.1)
+    assert "data=imagenet" in record["train_overrides"] and record["environment"]["cpus"] >= 1
+    files = sorted((tmp_path / "jpegs" / "train").glob("*/*.JPEG"))
+    assert len(files) == 24 and Image.open(files[0]).size == (80, 60)
+    too_many = run_cli("bench", "bench=loader", "bench.workers=[0]", "bench.batch=4", "bench.batches=50",
+                       f"bench.root={tmp_path / 'jpegs'}",
+                       "bench.generate={classes:2,train_per_class:12,val_per_class:2,width:80,height:60}",
+                       f"out_dir={tmp_path / 'out2'}", cwd=tmp_path)
+    assert too_many.returncode == 2 and "bench.batches=50 needs more than" in too_many.stderr.strip().splitlines()[-1]
+
+
+def test_photo_jpegs_weigh_what_imagenet_photos_do(tmp_path):
+    from vimexp.data.synthetic import _photo
+    _photo((tmp_path / "a.JPEG", [0, 1], 500, 375))
+    assert Image.open(tmp_path / "a.JPEG").size == (500, 375)
+    assert 60_000 < (tmp_path / "a.JPEG").stat().st_size < 130_000  # ImageNet's train JPEGs average about 110 KB

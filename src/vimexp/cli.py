@@ -56,6 +56,7 @@ COMMANDS = {  # what each command does, and examples whose choices tests/test_co
               ["python -m vimexp.bench bench=fig1                # Vim-Ti vs DeiT-Ti inference vs resolution (GPU)",
                "python -m vimexp.bench bench=mixer bench.sweep=true",
                "python -m vimexp.bench bench=ddp bench.devices=2",
+               "python -m vimexp.bench bench=loader bench.workers=[8,14]     # the data loader alone",
                "python -m vimexp.bench bench=speedup out_dir=experiments/results/fused_scan/h200"]),
 }
 

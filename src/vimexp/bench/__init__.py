@@ -5,6 +5,7 @@ conf/bench/<name>.yaml); `bench.tool` picks the module that runs it:
     bench=mixer [bench.sweep=true]       the bimamba v2 mixer alone, fused against mamba-ssm (vimexp.bench.mixer)
     bench=ddp bench.devices=2            data-parallel training: scaling, 1-vs-N-GPU equivalence (vimexp.bench.ddp)
     bench=speedup                        the README's speed-up figure, from two runs' results.csv (vimexp.bench.plots)
+    bench=loader                         the training data loader alone, per number of workers (vimexp.bench.loader)
 
 One timing loop and GPU spin-up for all of them (vimexp.bench.timing); each record carries vimexp.record.environment
 (device, driver, versions, date, commit) and the command that made it.
@@ -13,7 +14,7 @@ import importlib
 
 from vimexp import VimexpError
 
-TOOLS = ("backbones", "mixer", "ddp", "plots")
+TOOLS = ("backbones", "mixer", "ddp", "plots", "loader")
 
 
 def pick_device(name: str):
@@ -38,7 +39,7 @@ def command(*overrides: str) -> str:
 
 
 def run(cfg) -> dict:
-    """Run the benchmark `cfg.bench` names (its `tool`: backbones, the default, mixer, ddp or plots)."""
+    """Run the benchmark `cfg.bench` names (its `tool`: backbones, the default, mixer, ddp, plots or loader)."""
     tool = cfg.bench.get("tool", "backbones")
     if tool not in TOOLS:
         raise VimexpError(f"unknown bench.tool {tool!r}: choose one of {', '.join(TOOLS)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 from dataclasses import dataclass
@@ -371,3 +372,45 @@ def ensure_coco(root, **params) -> Path:
     meta = _coco_meta(**params)
     return _ensure_once(Path(root), meta, _write_coco, f"the built-in detection dataset ({meta['train2017']} + "
                         f"{meta['val2017']} scenes, {meta['size']} px, COCO layout)")
+
+
+# ----- photo-sized JPEGs: what a loader benchmark decodes (ImageNet's typical 500x375, ~90 KB)
+def _photo_meta(*, classes: int = 10, train_per_class: int = 500, val_per_class: int = 50, width: int = 500,
+                height: int = 375, seed: int = 0) -> dict:
+    return {"format": "vimexp-photo-jpegs", "version": GENERATOR_VERSION, "classes": classes,
+            "train_per_class": train_per_class, "val_per_class": val_per_class, "width": width, "height": height,
+            "seed": seed}
+
+
+def _photo(job) -> None:
+    """One JPEG: a smooth colour field with photo-like grain (the grain gives it a photo's size), written to `path`."""
+    path, key, width, height = job
+    rng = np.random.default_rng(key)
+    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(field, np.float32) + rng.normal(0, 18, (height, width, 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def _write_photos(root: Path, meta: dict) -> Path:
+    def fill(tmp: Path, done):
+        jobs = []
+        for split, split_id in _SPLITS.items():
+            for label in range(meta["classes"]):
+                d = tmp / split / f"class{label:04d}"
+                d.mkdir(parents=True)
+                jobs += [(d / f"{i:06d}.JPEG", [meta["seed"], 20 + split_id, label, i], meta["width"], meta["height"])
+                         for i in range(meta[f"{split}_per_class"])]
+        with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+            for _ in pool.imap_unordered(_photo, jobs, chunksize=16):
+                done()
+
+    total = meta["classes"] * (meta["train_per_class"] + meta["val_per_class"])
+    return _write_atomically(root, meta, fill, total)
+
+
+def ensure_photo_folder(root, **params) -> Path:
+    """Return `root` if it holds these photo-sized JPEGs (ImageFolder layout: root/{train,val}/classNNNN/*.JPEG),
+    else write them once, on every core. They carry no class signal: they are for timing a loader, not training."""
+    meta = _photo_meta(**params)
+    return _ensure_once(Path(root), meta, _write_photos, f"{meta['classes']} classes of {meta['width']}x"
+                        f"{meta['height']} JPEGs")
