@@ -40,8 +40,8 @@ def run(cfg) -> dict:
     if not any(o.startswith("data.root=") for o in overrides):
         root = ensure_photo_folder(b.root, **b.generate)
         overrides += [f"data.root={root}", f"data.num_classes={b.generate.classes}"]
-    record = {"environment": {**environment(torch.device("cpu")), "cpus": os.cpu_count()}, "command": command(), "batch": b.batch, "batches": b.batches,
-              "train_overrides": overrides, "rows": []}
+    record = {"environment": {**environment(torch.device("cpu")), "cpus": os.cpu_count()}, "command": command(),
+              "batch": b.batch, "batches": b.batches, "train_overrides": overrides, "rows": []}
     for workers in tqdm(b.workers, desc="bench", unit="config"):
         data = instantiate(_compose_train([*overrides, f"data.batch_size={b.batch}", f"data.num_workers={workers}",
                                            "paths.output_dir=."]).data)

@@ -14,7 +14,8 @@ eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and t
 - `_scan_seq`: a program owns a block of channels of one direction and a chunk of tokens, keeps the (channels x N)
   states in registers and steps through its tokens one at a time, loading the next token's inputs before this one's
   arithmetic. Long sequences run in two passes (chunk end states, then the outputs from the carried-in state),
-  or in one where the batch alone fills the GPU (SEQ_LONG's ONE_PASS); each direction writes SiLU(z) y_d beside the other, and out_proj adds the two in its GEMM;
+  or in one where the batch alone fills the GPU (SEQ_LONG's ONE_PASS); each direction writes SiLU(z) y_d beside
+  the other, and out_proj adds the two in its GEMM;
 - `_scan_seq_bwd`: the same programs backwards in time: the chunk's states recomputed into a scratch buffer, then
   the adjoint walked back, carried between chunks as the states are (a first pass of chunk aggregates);
 - `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is recomputed, not kept).
@@ -328,7 +329,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
 SEQ = dict(BD=64, CL=256, num_warps=1)  # sequences of one chunk
 # Longer ones: two passes over chunks (more, smaller programs ran 8% faster), or one pass over the whole sequence
 # where the batch alone gives ONE_PASS programs (batch x 2 directions x channel blocks): at 1024 px (4,097 tokens)
-# and 1248 px (6,085), 1,536 programs ran one pass 1.25x faster than two, 768 ran it 1.3-2.2x slower (H200 sweep).
+# and 1248 px (6,085), 1,536 programs ran one pass 1.25x faster than two, 768 ran it 1.36x slower (H200 sweep).
 SEQ_LONG = dict(BD=32, CL=256, num_warps=1, ONE_PASS=1024)
 SEQ_BWD = dict(BD=64, num_warps=1)  # _scan_seq_bwd (chunks as the forward's): 8-33% faster than 32 (H200 sweeps)
 CONV_BLOCK = dict(BE=32, BT=64)  # _conv_fwd, _conv_bwd_dx: channels and tokens a program
