@@ -41,3 +41,24 @@ def test_weight_gap_relative_to_weights_and_to_the_update():
     b = {"w": torch.tensor([3.0, 4.0, 0.0, 0.5], dtype=torch.float64)}
     gap = weight_gap(a, b, init)
     assert gap == {"rel_to_weights": 0.1, "max_abs": 0.5, "worst_tensor_rel": 0.1, "rel_to_update": 0.1}
+
+
+def test_runs_train_on_the_builtin_data_or_on_photo_jpegs_made_once(tmp_path):
+    import pytest
+    from omegaconf import OmegaConf
+
+    from vimexp import VimexpError
+    from vimexp.bench.ddp import _compose_train, base_overrides
+    photo = {"root": str(tmp_path / "jpegs"), "classes": 2, "train_per_class": 4, "val_per_class": 1, "width": 40,
+             "height": 30}
+    bench = OmegaConf.create({"data": "builtin", "photo": photo, "kernel": "fused", "workers": 3})
+    assert "data=builtin" in base_overrides(bench) and "model.kernel=fused" in base_overrides(bench)
+    bench.data = "photo"
+    overrides = base_overrides(bench)
+    assert len(list((tmp_path / "jpegs" / "train").glob("*/*.JPEG"))) == 8
+    cfg = _compose_train([*overrides, "paths.output_dir=."])
+    assert (cfg.data.root, cfg.data.num_classes, cfg.data.num_workers) == (str(tmp_path / "jpegs"), 2, 3)
+    assert cfg.data.auto_augment.startswith("rand-m9")  # DeiT's pipeline: conf/data/imagenet.yaml
+    bench.data = "imagenet"
+    with pytest.raises(VimexpError, match="bench.data='imagenet': choose builtin or photo"):
+        base_overrides(bench)

@@ -30,10 +30,24 @@ from vimexp import VimexpError
 from vimexp.bench import command, say
 from vimexp.build import build_task
 from vimexp.cli import CONF_DIR
+from vimexp.data.synthetic import ensure_photo_folder
 from vimexp.record import environment, write_json
 
-BASE = ["experiment=imagenet_vim_s", "data=builtin", "data.img_size=224", "trainer.precision=bf16-mixed",
-        "model.kernel=cuda", "logger=csv", "data.num_workers=12"]
+
+
+def base_overrides(b) -> list[str]:
+    """Every run's overrides: Vim-S at 224 px, bf16, on the built-in data, or (bench.data=photo) DeiT's ImageNet
+    pipeline over photo-sized JPEGs generated once on the node (bench.photo), where decoding costs what ImageNet's does."""
+    if b.data == "builtin":
+        data = ["data=builtin", "data.img_size=224"]
+    elif b.data == "photo":
+        photo = dict(b.photo)
+        root = ensure_photo_folder(photo.pop("root"), **photo)
+        data = ["data=imagenet", f"data.root={root}", f"data.num_classes={photo['classes']}"]
+    else:
+        raise VimexpError(f"bench.data={b.data!r}: choose builtin or photo")
+    return ["experiment=imagenet_vim_s", *data, "trainer.precision=bf16-mixed", f"model.kernel={b.kernel}",
+            "logger=csv", f"data.num_workers={b.workers}"]
 SAME_SPLIT = ["task.mixup=0", "task.cutmix=0", "model.drop_path_rate=0"]  # nothing random that a batch split changes
 
 
@@ -105,8 +119,8 @@ def weight_gap(a: dict, b: dict, init: dict | None = None) -> dict:
     return {k: float(f"{v:.3g}") for k, v in gap.items()}
 
 
-def throughput(out: Path, n: int, batch: int, epochs: int, extra: list[str]) -> dict:
-    common = [*BASE, f"trainer.max_epochs={epochs}", *extra]
+def throughput(out: Path, n: int, base: list[str], batch: int, epochs: int, extra: list[str]) -> dict:
+    common = [*base, f"trainer.max_epochs={epochs}", *extra]
     wait(train(out / "tp_1gpu", [*common, f"data.batch_size={batch}"], "0"))
     wait(train(out / f"tp_{n}gpu", [*common, f"data.batch_size={batch * n}", "trainer=ddp", f"trainer.devices={n}"],
                first_gpus(n)))
@@ -115,8 +129,8 @@ def throughput(out: Path, n: int, batch: int, epochs: int, extra: list[str]) -> 
             "scaling_efficiency": round(many["train_img_per_sec"] / (n * one["train_img_per_sec"]), 3)}
 
 
-def equivalence(out: Path, n: int, batch: int, epochs: int, extra: list[str]) -> dict:
-    common = [*BASE, *SAME_SPLIT, f"data.batch_size={batch}", f"trainer.max_epochs={epochs}", *extra]
+def equivalence(out: Path, n: int, base: list[str], batch: int, epochs: int, extra: list[str]) -> dict:
+    common = [*base, *SAME_SPLIT, f"data.batch_size={batch}", f"trainer.max_epochs={epochs}", *extra]
     # the 1-GPU runs side by side, the repeat and the other seed sharing a GPU (their speed is not measured here)
     wait(train(out / "eq_1gpu", [*common, "seed=0"], "0"), train(out / "eq_1gpu_again", [*common, "seed=0"], "1"),
          train(out / "eq_1gpu_seed1", [*common, "seed=1"], "1"))
@@ -133,9 +147,9 @@ def equivalence(out: Path, n: int, batch: int, epochs: int, extra: list[str]) ->
             "val_acc1_gap_seed0_vs_seed1": round(runs["eq_1gpu_seed1"]["val_acc1"] - runs["eq_1gpu"]["val_acc1"], 2)}
 
 
-def multirun(out: Path, n: int, extra: list[str]) -> dict:
+def multirun(out: Path, n: int, base: list[str], extra: list[str]) -> dict:
     root = out / "multirun"
-    base = [o for o in BASE if not o.startswith("logger=")]  # W&B (offline) beside the CSV logs
+    base = [o for o in base if not o.startswith("logger=")]  # W&B (offline) beside the CSV logs
     command = [sys.executable, "-m", "vimexp.train", "-m", *base, "trainer=ddp", f"trainer.devices={n}",
                "logger=default", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
                "+trainer.limit_val_batches=4", "seed=1,2", "data.batch_size=128", *extra]
@@ -176,16 +190,18 @@ def run(cfg) -> dict:
     record = json.loads(out.read_text()) if out.is_file() else {}
     record.setdefault("environment", environment(torch.device("cuda")))
     record["environment"]["gpus"] = torch.cuda.device_count()
+    base = base_overrides(b)
     for phase in tqdm(phases, desc="bench", unit="phase"):
         started = time.time()
         if phase == "multirun":
-            record[phase] = multirun(work, b.devices, extra)
+            record[phase] = multirun(work, b.devices, base, extra)
         else:
-            record[phase] = globals()[phase](work, b.devices, b.batch, b.epochs, extra)
+            record[phase] = globals()[phase](work, b.devices, base, b.batch, b.epochs, extra)
         record[phase]["command"] = record[phase].get("command") or command(
             "bench=ddp", f"bench.devices={b.devices}", f"bench.phases=[{phase}]", f"bench.batch={b.batch}",
-            f"bench.epochs={b.epochs}", *([train_overrides_arg(extra)] if extra else []))
-        record[phase]["base_overrides"] = BASE
+            f"bench.epochs={b.epochs}", f"bench.data={b.data}", f"bench.kernel={b.kernel}",
+            *([train_overrides_arg(extra)] if extra else []))
+        record[phase]["base_overrides"] = base
         record[phase]["seconds"] = round(time.time() - started)
         write_json(out, record)
         say(json.dumps({phase: record[phase]}, indent=1))
