@@ -48,7 +48,8 @@ def test_runs_train_on_the_builtin_data_or_on_photo_jpegs_made_once(tmp_path):
     from omegaconf import OmegaConf
 
     from vimexp import VimexpError
-    from vimexp.bench.ddp import _compose_train, base_overrides
+    from vimexp.bench import compose_train
+    from vimexp.bench.ddp import base_overrides
     photo = {"root": str(tmp_path / "jpegs"), "classes": 2, "train_per_class": 4, "val_per_class": 1, "width": 40,
              "height": 30}
     bench = OmegaConf.create({"data": "builtin", "photo": photo, "kernel": "fused", "workers": 3})
@@ -56,7 +57,7 @@ def test_runs_train_on_the_builtin_data_or_on_photo_jpegs_made_once(tmp_path):
     bench.data = "photo"
     overrides = base_overrides(bench)
     assert len(list((tmp_path / "jpegs" / "train").glob("*/*.JPEG"))) == 8
-    cfg = _compose_train([*overrides, "paths.output_dir=."])
+    cfg = compose_train([*overrides, "paths.output_dir=."])
     assert (cfg.data.root, cfg.data.num_classes, cfg.data.num_workers) == (str(tmp_path / "jpegs"), 2, 3)
     assert cfg.data.auto_augment.startswith("rand-m9")  # DeiT's pipeline: conf/data/imagenet.yaml
     bench.data = "imagenet"

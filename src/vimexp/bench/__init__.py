@@ -38,6 +38,18 @@ def command(*overrides: str) -> str:
     return " ".join(["python -m vimexp.bench", *overrides])
 
 
+def compose_train(overrides: list[str]):
+    """conf/train.yaml with `overrides`, from inside a Hydra job (this benchmark's) or outside one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vimexp.cli import CONF_DIR
+    if GlobalHydra.instance().is_initialized():  # the bench job's: its search path is CONF_DIR
+        return compose("train", overrides=overrides)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
 def run(cfg) -> dict:
     """Run the benchmark `cfg.bench` names (its `tool`: backbones, the default, mixer, ddp, plots or loader)."""
     tool = cfg.bench.get("tool", "backbones")

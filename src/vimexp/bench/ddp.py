@@ -27,17 +27,15 @@ import torch
 from tqdm import tqdm
 
 from vimexp import VimexpError
-from vimexp.bench import command, say
+from vimexp.bench import command, compose_train, say
 from vimexp.build import build_task
-from vimexp.cli import CONF_DIR
 from vimexp.data.synthetic import ensure_photo_folder
 from vimexp.record import environment, write_json
 
 
-
 def base_overrides(b) -> list[str]:
     """Every run's overrides: Vim-S at 224 px, bf16, on the built-in data, or (bench.data=photo) DeiT's ImageNet
-    pipeline over photo-sized JPEGs generated once on the node (bench.photo), where decoding costs what ImageNet's does."""
+    pipeline over photo-sized JPEGs generated once on the node (bench.photo), decoding as ImageNet's would."""
     if b.data == "builtin":
         data = ["data=builtin", "data.img_size=224"]
     elif b.data == "photo":
@@ -48,6 +46,8 @@ def base_overrides(b) -> list[str]:
         raise VimexpError(f"bench.data={b.data!r}: choose builtin or photo")
     return ["experiment=imagenet_vim_s", *data, "trainer.precision=bf16-mixed", f"model.kernel={b.kernel}",
             "logger=csv", f"data.num_workers={b.workers}"]
+
+
 SAME_SPLIT = ["task.mixup=0", "task.cutmix=0", "model.drop_path_rate=0"]  # nothing random that a batch split changes
 
 
@@ -93,19 +93,9 @@ def model_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
 
 def initial_weights(overrides: list[str], seed: int) -> dict[str, torch.Tensor]:
     """The weights train() starts from: the model built right after seeding, as it does."""
-    cfg = _compose_train([*overrides, f"seed={seed}", "paths.output_dir=."])
+    cfg = compose_train([*overrides, f"seed={seed}", "paths.output_dir=."])
     L.seed_everything(seed, workers=True, verbose=False)
     return _model_floats(build_task(cfg).state_dict())
-
-
-def _compose_train(overrides: list[str]):
-    """conf/train.yaml with `overrides`, from inside a Hydra job (this benchmark's) or outside one."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    if GlobalHydra.instance().is_initialized():  # the bench job's: its search path is CONF_DIR
-        return compose("train", overrides=overrides)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def weight_gap(a: dict, b: dict, init: dict | None = None) -> dict:

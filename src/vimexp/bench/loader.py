@@ -15,8 +15,7 @@ from hydra.utils import instantiate
 from tqdm import tqdm
 
 from vimexp import VimexpError
-from vimexp.bench import command, say
-from vimexp.bench.ddp import _compose_train
+from vimexp.bench import command, compose_train, say
 from vimexp.data.synthetic import ensure_photo_folder
 from vimexp.record import environment, write_json
 
@@ -43,7 +42,7 @@ def run(cfg) -> dict:
     record = {"environment": {**environment(torch.device("cpu")), "cpus": os.cpu_count()}, "command": command(),
               "batch": b.batch, "batches": b.batches, "train_overrides": overrides, "rows": []}
     for workers in tqdm(b.workers, desc="bench", unit="config"):
-        data = instantiate(_compose_train([*overrides, f"data.batch_size={b.batch}", f"data.num_workers={workers}",
+        data = instantiate(compose_train([*overrides, f"data.batch_size={b.batch}", f"data.num_workers={workers}",
                                            "paths.output_dir=."]).data)
         data.setup("fit")
         rate = images_per_second(data.train_dataloader(), b.batches)
