@@ -201,7 +201,6 @@ def test_training_images_per_second_leave_out_the_epochs_validation():
 
     task, batch = Task(), (torch.zeros(8, 3), None)
     task.on_train_epoch_start()
-    t0 = time.perf_counter()
     for i in range(4):
         time.sleep(0.05)
         task.on_train_batch_end(None, batch, i)

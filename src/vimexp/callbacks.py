@@ -49,7 +49,7 @@ class StopOnDivergence(L.Callback):
     def __init__(self, max_skips: int = 0, check_every: int = 50):
         self.max_skips, self.skipped, self.check_every = max_skips, 0, check_every
         self._bad = None  # this step's non-finite loss, on the device
-        self._flagged = None  # (steps seen since the last look, 2): each step's number where flagged, -1 elsewhere
+        self._flagged = []  # a (2,) device tensor a step since the last look: the step's number where flagged, else -1
         self._trainer = None
 
     def on_before_backward(self, trainer, pl_module, loss):
@@ -69,8 +69,7 @@ class StopOnDivergence(L.Callback):
         if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaled:
             optimizer.found_inf = bad.float()  # the fused step leaves parameters and moments as they were
             step = torch.full((), trainer.global_step, device=bad.device)
-            flags = torch.stack([torch.where(bad, step, -1), torch.where(bad_loss, step, -1)])
-            self._flagged = flags[None] if self._flagged is None else torch.cat([self._flagged, flags[None]])
+            self._flagged.append(torch.stack([torch.where(bad, step, -1), torch.where(bad_loss, step, -1)]))
             if len(self._flagged) >= self.check_every:
                 self._look(trainer)
             return
@@ -81,11 +80,10 @@ class StopOnDivergence(L.Callback):
 
     def _look(self, trainer):
         """Judge the steps flagged on the device since the last look, in order."""
-        flagged, self._flagged = self._flagged, None
-        if flagged is not None:
-            for step, loss_step in flagged.tolist():
-                if step >= 0:
-                    self._judge(trainer, step, loss_step >= 0)
+        flagged, self._flagged = self._flagged, []
+        for step, loss_step in torch.stack(flagged).tolist() if flagged else []:
+            if step >= 0:
+                self._judge(trainer, step, loss_step >= 0)
 
     def _judge(self, trainer, step: int, bad_loss: bool):
         """A skipped step within max_skips is said; the one beyond stops the run."""

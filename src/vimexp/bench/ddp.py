@@ -190,6 +190,7 @@ def run(cfg) -> dict:
         record[phase]["command"] = record[phase].get("command") or command(
             "bench=ddp", f"bench.devices={b.devices}", f"bench.phases=[{phase}]", f"bench.batch={b.batch}",
             f"bench.epochs={b.epochs}", f"bench.data={b.data}", f"bench.kernel={b.kernel}",
+            f"bench.workers={b.workers}",
             *([train_overrides_arg(extra)] if extra else []))
         record[phase]["base_overrides"] = base
         record[phase]["seconds"] = round(time.time() - started)
