@@ -191,16 +191,20 @@ def test_no_second_derivative_through_hand_written_gradients(small_blocks):
 
 
 # ------------------------------------------------------------------- the Triton add + RMSNorm, the ops, the model
-@pytest.mark.parametrize("residual, prenorm, residual_in_fp32", [(True, True, True), (False, True, True),
-                                                                 (True, False, True), (False, False, False)])
-def test_rms_norm_matches_float64_reference(residual, prenorm, residual_in_fp32):
+@pytest.mark.parametrize("residual, prenorm, residual_in_fp32, shape", [
+    (True, True, True, (2, 7, 24)), (False, True, True, (2, 7, 24)), (True, False, True, (2, 7, 24)),
+    (False, False, False, (2, 7, 24)),
+    (True, True, True, (2, 37, 1000))])  # 4 programs of 19 rows, 2 a step (the last step half-empty), cols masked
+def test_rms_norm_matches_float64_reference(residual, prenorm, residual_in_fp32, shape, monkeypatch):
     """vimexp::rms_norm (float32 kernels) against the PyTorch norm in float64: outputs and every gradient."""
+    from vimexp.ops import fused_norm
     from vimexp.ops.fused_norm import rms_norm_triton
     from vimexp.ops.norm import rms_norm_torch
+    monkeypatch.setattr(fused_norm, "BWD_PROGRAMS", 4)
     torch.manual_seed(0)
-    x, r = torch.randn(2, 7, 24, dtype=torch.float64), torch.randn(2, 7, 24, dtype=torch.float64)
-    w = 1 + 0.1 * torch.randn(24, dtype=torch.float64)
-    grads = torch.randn(2, 2, 7, 24, dtype=torch.float64)
+    x, r = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(shape[-1], dtype=torch.float64)
+    grads = torch.randn(2, *shape, dtype=torch.float64)
     results = {}
     for name, norm, dtype in (("triton", rms_norm_triton, torch.float32), ("ref", rms_norm_torch, torch.float64)):
         device = DEVICE if name == "triton" else "cpu"

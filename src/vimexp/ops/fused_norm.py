@@ -4,8 +4,8 @@ so that it needs nothing beyond torch and Triton. Same arguments and results as 
 
     s = x + residual (in the residual's dtype; float32 with residual_in_fp32),  out = s / rms(s) * weight
 
-Forward: one program a row. Backward: each program walks a range of rows and keeps its share of the weight's
-gradient in registers, summed over programs at the end (a (programs, N) float32 buffer).
+Forward: one program a row. Backward: each program walks a range of rows, a few at a time, and keeps its share of
+the weight's gradient in registers, summed over programs at the end (a (programs, N) float32 buffer).
 """
 from typing import Optional
 
@@ -37,25 +37,32 @@ def _rms_norm_fwd(X, R, W, Y, S, RSTD, N, eps, HAS_RESIDUAL: tl.constexpr, BN: t
 
 @triton.jit
 def _rms_norm_bwd(DY, DS, S, W, RSTD, DX, DR, DW, M, N, ROWS, HAS_DS: tl.constexpr, HAS_DR: tl.constexpr,
-                  BN: tl.constexpr):
+                  BR: tl.constexpr, BN: tl.constexpr):
     """d(sum) = rstd (w dy - s_hat mean(s_hat w dy)) (+ the gradient reaching the sum directly, with prenorm),
-    written to DX (x's dtype) and DR (the residual's); DW gets this program's sum of dy s_hat."""
+    written to DX (x's dtype) and DR (the residual's); DW gets this program's sum of dy s_hat. BR rows a step: one
+    row a step left each program waiting on its loads (0.23 ms a Vim-S layer at batch 128, H200)."""
     cols = tl.arange(0, BN)
     ok = cols < N
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BN], tl.float32)
     start = tl.program_id(0) * ROWS
-    for row in range(start, tl.minimum(start + ROWS, M)):
-        s_hat = tl.load(S + row * N + cols, mask=ok, other=0.0).to(tl.float32) * tl.load(RSTD + row)
-        dy = tl.load(DY + row * N + cols, mask=ok, other=0.0).to(tl.float32)
-        wdy = w * dy
-        dx = (wdy - s_hat * (tl.sum(s_hat * wdy, axis=0) / N)) * tl.load(RSTD + row)
+    end = tl.minimum(start + ROWS, M)
+    for r0 in range(start, end, BR):
+        row = r0 + tl.arange(0, BR)
+        row_ok = row < end
+        tile = row[:, None] * N + cols[None, :]
+        tile_ok = row_ok[:, None] & ok[None, :]
+        rstd = tl.load(RSTD + row, mask=row_ok, other=0.0)[:, None]
+        s_hat = tl.load(S + tile, mask=tile_ok, other=0.0).to(tl.float32) * rstd
+        dy = tl.load(DY + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        wdy = w[None, :] * dy
+        dx = (wdy - s_hat * (tl.sum(s_hat * wdy, axis=1) / N)[:, None]) * rstd
         if HAS_DS:
-            dx += tl.load(DS + row * N + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DX + row * N + cols, dx, mask=ok)
+            dx += tl.load(DS + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        tl.store(DX + tile, dx, mask=tile_ok)
         if HAS_DR:
-            tl.store(DR + row * N + cols, dx, mask=ok)
-        dw += dy * s_hat
+            tl.store(DR + tile, dx, mask=tile_ok)
+        dw += tl.sum(dy * s_hat, axis=0)
     tl.store(DW + tl.program_id(0) * N + cols, dw, mask=ok)
 
 
@@ -96,8 +103,9 @@ def _backward_impl(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor
     programs = triton.cdiv(m, rows)
     dw = torch.empty(programs, n, device=s.device, dtype=torch.float32)
     ds = None if ds is None else ds.contiguous()  # autograd may hand a broadcast zero
+    bn = triton.next_power_of_2(n)
     _rms_norm_bwd[(programs,)](dy.contiguous(), ds, s, weight, rstd, dx, dr, dw, m, n, rows, HAS_DS=ds is not None,
-                               HAS_DR=residual_dtype is not None, BN=triton.next_power_of_2(n))
+                               HAS_DR=residual_dtype is not None, BR=max(1, 2048 // bn), BN=bn)
     return dx, dr, dw.sum(0).to(weight.dtype)
 
 

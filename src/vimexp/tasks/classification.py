@@ -3,6 +3,7 @@ groups, warmup + cosine per epoch, EMA evaluated beside the raw weights) around 
 from itertools import pairwise
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from vimexp import VimexpError
 from vimexp.data.sampling import seeded
 from vimexp.models.backbone import build_backbone
 from vimexp.tasks.bookkeeping import RunBookkeeping
+from vimexp.tasks.cuda_graph import GraphedTraining, graph_blocker
 from vimexp.tasks.optim import scaled_lr
 
 
@@ -48,9 +50,11 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
 
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
                  *, monitor: str, mixup: float, cutmix: float, mixup_prob: float, mixup_switch_prob: float,
-                 mixup_mode: str, smoothing: float, ema_decay: float | None, mixup_group: int | None = None):
+                 mixup_mode: str, smoothing: float, ema_decay: float | None, mixup_group: int | None = None,
+                 cuda_graph: bool = False):
         """The recipe's knobs (keyword arguments) have their defaults in conf/task/classification.yaml;
-        mixup_group: images per mixup draw (data.mixup_group; None: a device's batch)."""
+        mixup_group: images per mixup draw (data.mixup_group; None: a device's batch); cuda_graph: replay the
+        model's training forward and backward as CUDA graphs where the run allows (tasks/cuda_graph.py)."""
         super().__init__()
         self.save_hyperparameters()
         self.model = build_backbone(model)  # init_from: vimexp or official weights, pos_embed fitted to its grid
@@ -64,6 +68,7 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
             f"{w}_{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
             for w in (["raw", "ema"] if self.ema else ["raw"]) for k in (1, min(5, num_classes))})
         self.history = []
+        self.graphed = None  # the model's training step as CUDA graphs (task.cuda_graph), set by on_train_start
 
     @property
     def num_params(self) -> int:
@@ -73,15 +78,25 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
         return self.model(x)
 
     # ----- training
+    def on_train_start(self):
+        self.graphed = None
+        if self.hparams.cuda_graph and self.device.type == "cuda":
+            blocker = graph_blocker(self.model, self.trainer)
+            if blocker:
+                rank_zero_info(f"task.cuda_graph: the training step runs eagerly: {blocker}")
+            else:
+                self.graphed = GraphedTraining(self.model)
+
     def training_step(self, batch, batch_idx):
         images, targets = batch
+        net = self.graphed or self.model
         if self.mixup is not None:  # soft targets, label smoothing folded in
             seed = int(np.random.randint(2**31))  # the same on every rank: the RNGs are seeded per batch, not per rank
             images, targets = group_mixup(self.mixup, images, targets, self.global_rank * len(images),
                                           self.hparams.mixup_group, seed)
-            loss = SoftTargetCrossEntropy()(self.model(images), targets)
+            loss = SoftTargetCrossEntropy()(net(images), targets)
         else:
-            loss = F.cross_entropy(self.model(images), targets, label_smoothing=self.hparams.smoothing)
+            loss = F.cross_entropy(net(images), targets, label_smoothing=self.hparams.smoothing)
         self.train_loss(loss)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss

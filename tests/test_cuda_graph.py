@@ -1,0 +1,83 @@
+"""The training step replayed as CUDA graphs (vimexp/tasks/cuda_graph.py) against the same step run eagerly."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vimexp.models import create_model
+from vimexp.tasks.cuda_graph import GraphedTraining
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _step(net, model, x, target, bf16):
+    """One forward and backward as the task runs it: under Lightning's autocast, weight cache on."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(net(x), target)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("kernel, bf16, tol", [("fused", False, 1e-4), ("fused", True, 1e-2), ("torch", False, 1e-5)])
+def test_graphed_steps_match_eager(kernel, bf16, tol):
+    """Capture at the first call, then replays on new batches: the loss and every gradient as the eager step's (up to
+    the fused backward's atomic additions, whose order varies); another batch shape and eval mode run eagerly."""
+    torch.manual_seed(0)
+    eager = create_model("vim_ti", kernel=kernel, drop_path_rate=0.0, depth=4).cuda().train()
+    model = copy.deepcopy(eager)
+    graphed = GraphedTraining(model)
+    for batch in (8, 8, 8, 4):
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        target = torch.randint(0, 1000, (batch,), device="cuda")
+        (loss, grads), (loss_g, grads_g) = _step(eager, eager, x, target, bf16), _step(graphed, model, x, target, bf16)
+        errs = {n: _rel(grads_g[n], grads[n]) for n in grads}
+        assert _rel(loss_g, loss) <= tol and max(errs.values()) <= tol, (batch, loss_g, loss, max(errs.items(),
+                                                                                                key=lambda kv: kv[1]))
+    assert graphed.shape == (8, 3, 224, 224)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(graphed(x), model(x))
+
+
+def test_replays_draw_from_the_seeded_rng_and_capture_leaves_it_alone():
+    """Drop path inside the graph draws from the CUDA RNG as seeded before each replay (what the per-batch reseeding
+    of a resumable run relies on), and the capture's warm-up steps leave the RNG as they found it."""
+    torch.manual_seed(0)
+    model = create_model("vim_ti", kernel="fused", drop_path_rate=0.3, depth=4).cuda().train()
+    graphed = GraphedTraining(model)
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    state = torch.cuda.get_rng_state()
+    graphed._capture(x)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+    def logits(seed):
+        torch.manual_seed(seed)
+        return graphed(x).detach().clone()  # a replay's outputs live in the graph's buffers: the next one overwrites
+    first, again, other = logits(1), logits(1), logits(2)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("name, kwargs", [("vim_s", {}), ("vim_ti", dict(rope=True, rope_residual=True)),
+                                          ("hier_vim_t", {}), ("deit_ti", dict(drop_path_rate=0.1)), ("swin_t", {})])
+def test_every_classification_family_captures(name, kwargs):
+    """Each backbone of the paper's classification experiments captures and replays under bf16 autocast (the
+    default task.cuda_graph=true would otherwise stop those runs at their first step)."""
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).cuda().train()
+    eager = copy.deepcopy(model)
+    graphed = GraphedTraining(model)
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    for net in (eager, graphed, graphed):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = net(x).float().logsumexp(-1).mean()
+        loss.backward()
+    assert graphed.shape == x.shape and torch.isfinite(loss)
+    with_grad = {n for n, p in eager.named_parameters() if p.grad is not None}
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == with_grad
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
