@@ -150,7 +150,7 @@ def test_softplus_keeps_its_digits_far_below_zero():
 
 def test_launch_size_counts_every_buffer():
     assert fused_mixer.max_batch(197, 768, 16, 24) >= 128  # Vim-B training at 224 px: one launch
-    assert fused_mixer.max_batch(6085, 384, 16, 12) == 2 ** 31 // (2 * 384 * 16 * 6085)  # 1248 px: the scratch
+    assert fused_mixer.max_batch(6085, 384, 16, 12) == 2 ** 31 // (2 * 384 * 16 * (6085 // 2))  # 1248 px: the scratch
     assert fused_mixer.max_batch(2, 16, 16, 1) == 2 ** 16 - 1  # tiny mixers: the grid axis
 
 
@@ -166,7 +166,7 @@ def test_long_sequences_run_one_pass_where_the_batch_fills_the_gpu():
     assert fused_mixer._seq_launch(large, 197, 384)[2] == 1  # short sequences: one chunk at any batch
 
 
-@pytest.mark.parametrize("max_elements, max_grid", [(2 * 16 * 16 * 19 * 2 + 1, 2 ** 16 - 1), (2 ** 31 - 1, 11)])
+@pytest.mark.parametrize("max_elements, max_grid", [(2 * 16 * 16 * (19 // 2) * 2 + 1, 2 ** 16 - 1), (2 ** 31 - 1, 11)])
 def test_batch_too_large_for_one_launch_runs_as_several(small_blocks, monkeypatch, max_elements, max_grid):
     """A batch beyond the 32-bit offsets (or the grid) runs fused in sub-batches, and gives the one-launch numbers."""
     ref, fused = _mixers(d_model=8)
