@@ -1,14 +1,26 @@
-"""The training step replayed as CUDA graphs (vimexp/tasks/cuda_graph.py) against the same step run eagerly."""
+"""The training step replayed as CUDA graphs (vimexp/tasks/cuda_graph.py) against the same step run eagerly, and
+when a run may not graph it."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vimexp.models import create_model
-from vimexp.tasks.cuda_graph import GraphedTraining
+from vimexp.tasks.cuda_graph import GraphedTraining, graph_blocker
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("world, accumulate, compiled, blocked_by", [
+    (1, 1, False, None), (2, 1, False, "DDP"), (1, 4, False, "accumulate_grad_batches"), (1, 1, True, "compile")])
+def test_runs_that_cannot_graph_their_step_say_why(world, accumulate, compiled, blocked_by):
+    model = torch.nn.Linear(2, 2)
+    if compiled:
+        model.compile()
+    why = graph_blocker(model, SimpleNamespace(world_size=world, accumulate_grad_batches=accumulate))
+    assert why is None if blocked_by is None else blocked_by in why
 
 
 def _step(net, model, x, target, bf16):
@@ -24,6 +36,8 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("kernel, bf16, tol", [("fused", False, 1e-4), ("fused", True, 1e-2), ("torch", False, 1e-5)])
 def test_graphed_steps_match_eager(kernel, bf16, tol):
     """Capture at the first call, then replays on new batches: the loss and every gradient as the eager step's (up to
@@ -45,6 +59,8 @@ def test_graphed_steps_match_eager(kernel, bf16, tol):
         assert torch.equal(graphed(x), model(x))
 
 
+@pytest.mark.gpu
+@gpu
 def test_replays_draw_from_the_seeded_rng_and_capture_leaves_it_alone():
     """Drop path inside the graph draws from the CUDA RNG as seeded before each replay (what the per-batch reseeding
     of a resumable run relies on), and the capture's warm-up steps leave the RNG as they found it."""
@@ -63,6 +79,8 @@ def test_replays_draw_from_the_seeded_rng_and_capture_leaves_it_alone():
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("name, kwargs", [("vim_s", {}), ("vim_ti", dict(rope=True, rope_residual=True)),
                                           ("hier_vim_t", {}), ("deit_ti", dict(drop_path_rate=0.1)), ("swin_t", {})])
 def test_every_classification_family_captures(name, kwargs):
