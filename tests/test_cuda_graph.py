@@ -13,13 +13,14 @@ from vimexp.tasks.cuda_graph import GraphedTraining, graph_blocker
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("world, accumulate, compiled, blocked_by", [
-    (1, 1, False, None), (2, 1, False, "DDP"), (1, 4, False, "accumulate_grad_batches"), (1, 1, True, "compile")])
-def test_runs_that_cannot_graph_their_step_say_why(world, accumulate, compiled, blocked_by):
-    model = torch.nn.Linear(2, 2)
-    if compiled:
-        model.compile()
-    why = graph_blocker(model, SimpleNamespace(world_size=world, accumulate_grad_batches=accumulate))
+@pytest.mark.parametrize("world, accumulate, model, blocked_by", [
+    (1, 1, {}, None), (2, 1, {}, "DDP"), (1, 4, {}, "accumulate_grad_batches"), (1, 1, "compiled", "compile"),
+    (1, 1, dict(bidirectional="sequence"), "bidirectional=sequence")])  # its flip is drawn on the host
+def test_runs_that_cannot_graph_their_step_say_why(world, accumulate, model, blocked_by):
+    net = create_model("vim_nano", depth=2, kernel="torch", **(model if isinstance(model, dict) else {}))
+    if model == "compiled":
+        net.compile()
+    why = graph_blocker(net, SimpleNamespace(world_size=world, accumulate_grad_batches=accumulate))
     assert why is None if blocked_by is None else blocked_by in why
 
 

@@ -16,15 +16,16 @@ eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and t
   arithmetic. Long sequences run in two passes (chunk end states, then the outputs from the carried-in state),
   or in one where the batch alone fills the GPU (SEQ_LONG's ONE_PASS); each direction writes SiLU(z) y_d beside
   the other, and out_proj adds the two in its GEMM;
-- `_scan_seq_bwd`: the same programs backwards in time: the chunk's states recomputed into a scratch buffer, then
-  the adjoint walked back, carried between chunks as the states are (a first pass of chunk aggregates);
+- `_scan_seq_bwd`: the same programs backwards in time: the chunk's states recomputed, every other one kept in a
+  scratch buffer, then the adjoint walked back two steps at a time, carried between chunks as the states are (a
+  first pass of chunk aggregates);
 - `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is kept from the forward, its
   pre-activation recomputed).
 The GEMMs between them (x_proj, dt_proj) get dimensions padded to 16 bytes (`aligned_projections`).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
-to: docs/optimisation.md (H200, bf16: training Vim-S 2.35x and Vim-Ti 1.91x the mamba-ssm path, Vim-Ti inference
-at 1248 px 1.69x). The first training design, associative scans over channel-major tiles, ran at 0.4x and was deleted
-after 603f838; docs/optimisation.md keeps its measurements.
+to: docs/optimisation.md (H200, bf16, 224 px batch 128 training steps as CUDA graphs: Vim-S 2.61x and
+Vim-Ti 2.28x the mamba-ssm path; Vim-Ti inference at 1248 px 1.69x). The first training design, associative scans
+over channel-major tiles, ran at 0.4x and was deleted after 603f838; docs/optimisation.md keeps its measurements.
 
 Block sizes: every launch takes a `Blocks` (`blocks=`), by default the tuned one (`tuned()`: the tables SEQ, SEQ_LONG,
 SEQ_BWD, CONV_BLOCK, CONV_DPRE). A sweep passes its own (`with_blocks(seq_bwd=dict(BD=32))`, as
@@ -267,9 +268,9 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     HIN (2, batch, NC, N, E), and as it goes writes dz and dC and sums dD; then it walks back through the chunk in
     pairs of steps with the adjoint carried in from the chunks after it, writing du, d(dt), dB and summing dA
     (transposed, like AT) and d(bias). A pair (2p, 2p + 1) reads the state kept before it and recomputes the one
-    between from it: half the scratch traffic of keeping every state, for one FMA a state. HS is read 4 channels a
-    vector, so Triton lays each (N, BD) tile as 2 x 16 lanes: a lane holds 4 channels and 8 states, and the
-    per-channel work repeats on 2 lanes rather than on 4 (16-byte vectors: 4 x 8)."""
+    between from it: half the scratch traffic of keeping every state, for an exponential and an FMA a state and
+    pair. HS is read 4 channels a vector, so Triton lays each (N, BD) tile as 2 x 16 lanes: a lane holds 4 channels
+    and 8 states, and the per-channel work repeats on 2 lanes rather than on 4 (16-byte vectors: 4 x 8)."""
     e = tl.program_id(0) * BD + tl.arange(0, BD)
     b = tl.program_id(1) // NC
     c = tl.program_id(1) % NC
@@ -328,7 +329,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
             u, dt_raw, delta, Bv, Cv, dy = _step_inputs(U, BC, DT, Z, DY2, row, d, BL, E, e, e_ok, n, N, bias)
             gp, dA_acc, dbias_acc = _adjoint_step(DU, DDT, DBC, row, d, BL, E, e, e_ok, n, N, A2, Dd, u, dt_raw,
                                                   delta, Bv, Cv, dy, gp, h_prev, dA_acc, dbias_acc)
-        for j in tl.range(0, steps // 2, num_stages=1):  # 1: 7% faster than 2, 16% than 3 (H200, Vim-S)
+        for j in tl.range(0, steps // 2, num_stages=1):  # 1: 1.7% faster than 2, 13% than 3 (H200)
             p = steps // 2 - 1 - j
             row0 = first + sgn * 2 * p
             if p > 0:

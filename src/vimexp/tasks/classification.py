@@ -51,7 +51,7 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, num_classes: int, global_batch_size: int,
                  *, monitor: str, mixup: float, cutmix: float, mixup_prob: float, mixup_switch_prob: float,
                  mixup_mode: str, smoothing: float, ema_decay: float | None, mixup_group: int | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = True):
         """The recipe's knobs (keyword arguments) have their defaults in conf/task/classification.yaml;
         mixup_group: images per mixup draw (data.mixup_group; None: a device's batch); cuda_graph: replay the
         model's training forward and backward as CUDA graphs where the run allows (tasks/cuda_graph.py)."""
@@ -86,6 +86,11 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
                 rank_zero_info(f"task.cuda_graph: the training step runs eagerly: {blocker}")
             else:
                 self.graphed = GraphedTraining(self.model)
+
+    def on_train_end(self):
+        if self.graphed is not None:
+            self.graphed.release()
+            self.graphed = None
 
     def training_step(self, batch, batch_idx):
         images, targets = batch

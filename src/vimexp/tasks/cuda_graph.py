@@ -1,9 +1,11 @@
 """A model's training forward and backward replayed as CUDA graphs (torch.cuda.make_graphed_callables): one launch
 each instead of hundreds of kernels, so the host's Python no longer bounds a step. A fused Vim-S step at batch 128
-enqueues for 71 ms against 109 ms on the H200, and the CLI's loop, EMA, callbacks and loader thread come on top
-(docs/optimisation.md, step 27). The optimizer, EMA and everything else stay eager."""
+spends 71 ms of its 109 ms enqueueing kernels on the H200's host, and the CLI's loop, EMA, callbacks and loader
+thread come on top (docs/optimisation.md, step 27). The optimizer, EMA and everything else stay eager."""
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+
+from vimexp import VimexpError
 
 
 def graph_blocker(model: torch.nn.Module, trainer) -> str | None:
@@ -14,26 +16,32 @@ def graph_blocker(model: torch.nn.Module, trainer) -> str | None:
         return "DDP (its gradient hooks would all fire at the graph's end, with no overlap of communication)"
     if trainer.accumulate_grad_batches > 1:
         return "trainer.accumulate_grad_batches > 1 (graph-owned gradients can't be accumulated into)"
+    if getattr(model, "flip_sequence", False):
+        return "bidirectional=sequence (each forward draws its flip on the host: a graph would replay one draw)"
     return None
 
 
 class GraphedTraining:
     """Call it as the model. A training-mode call on CUDA with grad enabled runs the graphs, captured at the first
-    such call under the autocast then in force; a batch of another shape, or an eval call, runs the model eagerly.
+    such call under the autocast then in force; any other call, or a batch of another shape, runs the model eagerly.
     The capture's warm-up steps draw from the CUDA RNG, which is put back afterwards: a resumed run then draws
-    what a straight one does from the first step."""
+    what a straight one does from the first step. `release()` gives the model its own forward back."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.eager = model.forward  # make_graphed_callables replaces the module's forward in place
+        self.eager = type(model).forward.__get__(model)  # make_graphed_callables replaces model.forward in place
         self.shape = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if not (images.is_cuda and self.model.training and torch.is_grad_enabled()):
-            return self.model(images)
-        if self.shape is None:
+        graphed = images.is_cuda and self.model.training and torch.is_grad_enabled()
+        if graphed and self.shape is None:
             self._capture(images)
-        return self.model(images) if images.shape == self.shape else self.eager(images)
+        return self.model(images) if graphed and images.shape == self.shape else self.eager(images)
+
+    def release(self):
+        """The model's own forward again, and the graphs (and their memory) let go."""
+        self.model.__dict__.pop("forward", None)
+        self.shape = None
 
     def _capture(self, images):
         rng = torch.cuda.get_rng_state()
@@ -42,6 +50,10 @@ class GraphedTraining:
         try:
             with autocast:
                 torch.cuda.make_graphed_callables(self.model, (images.detach().clone(),), allow_unused_input=True)
+        except torch.OutOfMemoryError:
+            raise VimexpError(f"out of GPU memory capturing the training step as a CUDA graph (batch "
+                              f"{tuple(images.shape)}; the capture holds a step's activations beside its warm-up's): "
+                              "set task.cuda_graph=false, or lower data.batch_size") from None
         except Exception as e:
             raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
                                "run it eagerly with task.cuda_graph=false") from e
