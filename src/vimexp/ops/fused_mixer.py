@@ -287,7 +287,7 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
     hs_ptr = HS + tl.max_contiguous((((d * B + b) * (L // 2) + c * (CL // 2)) * N + n[:, None]) * E + e[None, :],
                                     [1, 4])  # + (i // 2) * N * E
     if PASS == 1:
-        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)  # then every state of the chunk
+        h = _state_entering(HC, SC, A2, d, b, c, e, e_ok, B, E, NC, N, BD)  # then the chunk's states
         hin_ptr = HIN + (((d * B + b) * NC + c) * N + n[:, None]) * E + e[None, :]
         tl.store(hin_ptr, h, mask=e_ok[None, :] & (c > 0))
         dD_acc = tl.zeros([BD], tl.float32)
