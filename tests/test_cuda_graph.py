@@ -1,12 +1,16 @@
-"""The training step replayed as CUDA graphs (vimexp/tasks/cuda_graph.py) against the same step run eagerly, and
-when a run may not graph it."""
+"""The training step replayed as CUDA graphs (vimexp/tasks/cuda_graph.py) against the same step run eagerly, through
+the optimizer and the real CLI (kill -9 and resume, divergence), and when a run may not graph it."""
 import copy
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import data_overrides, run_cli
+from test_faults import RUN, assert_same_training, start, wait_for
 from vimexp.models import create_model
 from vimexp.tasks.cuda_graph import GraphedTraining, graph_blocker
 
@@ -100,3 +104,78 @@ def test_every_classification_family_captures(name, kwargs):
     with_grad = {n for n, p in eager.named_parameters() if p.grad is not None}
     assert {n for n, p in model.named_parameters() if p.grad is not None} == with_grad
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel, tol", [("torch", 1e-5), ("fused", 1e-4)])
+def test_optimizer_steps_between_replays_train_as_eager_steps_do(kernel, tol):
+    """Five fused-AdamW steps, gradients set to None between them as Lightning does: the graph's gradient buffers,
+    handed to the optimizer and dropped each step, leave the weights where eager steps leave them. Then `release()`
+    gives the model its own forward back."""
+    torch.manual_seed(0)
+    eager = create_model("vim_ti", kernel=kernel, drop_path_rate=0.0, depth=4).cuda().train()
+    model = copy.deepcopy(eager)
+    graphed = GraphedTraining(model)
+    runs = [(net, torch.optim.AdamW(params.parameters(), lr=1e-3, fused=True))
+            for net, params in ((eager, eager), (graphed, model))]
+    for _ in range(5):
+        x = torch.randn(8, 3, 224, 224, device="cuda")
+        target = torch.randint(0, 1000, (8,), device="cuda")
+        for net, optimizer in runs:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), target).backward()
+            optimizer.step()
+    weights = dict(eager.named_parameters())
+    errs = {n: _rel(p, weights[n]) for n, p in model.named_parameters()}
+    assert max(errs.values()) <= tol, max(errs.items(), key=lambda kv: kv[1])
+    assert "forward" in model.__dict__
+    graphed.release()
+    assert "forward" not in model.__dict__ and graphed.shape is None
+
+
+# the CLI on the GPU, graphs on by default: a tiny Vim on the built-in shapes (tests/test_faults.py's run), torch
+# kernels and deterministic algorithms, so a straight run and a killed-and-resumed one can agree bit for bit
+GPU_RUN = [*(a for a in RUN if not a.startswith("trainer.accelerator")), "trainer.accelerator=gpu",
+           "model.kernel=torch", "trainer.deterministic=true"]
+
+
+@pytest.fixture(scope="module")
+def straight_on_gpu(tiny_data, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("straight_gpu")
+    done = run_cli("train", *data_overrides(tiny_data), *GPU_RUN, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "captured as CUDA graphs" in done.stdout + done.stderr
+    return cwd / "run"
+
+
+@pytest.mark.gpu
+@gpu
+def test_kill_9_then_resume_with_graphs_is_exact(straight_on_gpu, tiny_data, tmp_path):
+    """Killed mid-epoch after a checkpoint, the same command resumes (capturing again, mid-epoch) and ends where the
+    straight graphed run does, bit for bit: weights, EMA, optimizer state, results."""
+    out = tmp_path / "run"
+    args = [*data_overrides(tiny_data), *GPU_RUN, f"hydra.run.dir={out}"]
+    proc = start(args, tmp_path)
+    wait_for(out / "checkpoints" / "last.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run_cli("train", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "captured as CUDA graphs" in resumed.stdout + resumed.stderr
+    assert_same_training(straight_on_gpu, out)
+
+
+@pytest.mark.gpu
+@gpu
+def test_divergence_under_graphs_stops_with_good_checkpoints(tiny_data, tmp_path):
+    """A diverging graphed run stops in one line, its checkpoints finite (the skipped step's graph-owned gradients
+    never reach the weights)."""
+    out = tmp_path / "run"
+    run = run_cli("train", *data_overrides(tiny_data), *GPU_RUN, "optimizer.lr=1e6", f"hydra.run.dir={out}",
+                  cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("error: training diverged at step ")
+    for ckpt in (out / "checkpoints").glob("*.ckpt"):
+        weights = torch.load(ckpt, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), ckpt
