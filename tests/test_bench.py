@@ -141,7 +141,7 @@ def test_sweep_blocks_reach_the_kernels_and_leave_the_tuned_ones_alone():
 
 
 def test_loader_bench_times_each_worker_count_on_generated_photo_jpegs(tmp_path):
-    run = run_cli("bench", "bench=loader", "bench.workers=[0,2]", "bench.batch=4", "bench.batches=3",
+    run = run_cli("bench", "bench=loader", "bench.workers=[0,2]", "bench.batch=4", "bench.rounds=1",
                   f"bench.root={tmp_path / 'jpegs'}",
                   "bench.generate={classes:2,train_per_class:12,val_per_class:2,width:80,height:60}",
                   f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
@@ -152,11 +152,12 @@ def test_loader_bench_times_each_worker_count_on_generated_photo_jpegs(tmp_path)
     assert "data=imagenet" in record["train_overrides"] and record["environment"]["cpus"] >= 1
     files = sorted((tmp_path / "jpegs" / "train").glob("*/*.JPEG"))
     assert len(files) == 24 and Image.open(files[0]).size == (80, 60)
-    too_many = run_cli("bench", "bench=loader", "bench.workers=[0]", "bench.batch=4", "bench.batches=50",
+    too_many = run_cli("bench", "bench=loader", "bench.workers=[0]", "bench.batch=4", "bench.rounds=50",
                        f"bench.root={tmp_path / 'jpegs'}",
                        "bench.generate={classes:2,train_per_class:12,val_per_class:2,width:80,height:60}",
                        f"out_dir={tmp_path / 'out2'}", cwd=tmp_path)
-    assert too_many.returncode == 2 and "bench.batches=50 needs more than" in too_many.stderr.strip().splitlines()[-1]
+    message = too_many.stderr.strip().splitlines()[-1]
+    assert too_many.returncode == 2 and "bench.rounds=50 with 0 workers needs 51 batches" in message
 
 
 def test_photo_jpegs_weigh_what_imagenet_photos_do(tmp_path):

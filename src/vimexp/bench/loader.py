@@ -20,15 +20,19 @@ from vimexp.data.synthetic import ensure_photo_folder
 from vimexp.record import environment, write_json
 
 
-def images_per_second(loader, batches: int) -> float:
-    """Images a second over `batches` batches after the first (which waits for the workers to start)."""
-    if len(loader) <= batches:
-        raise VimexpError(f"bench.batches={batches} needs more than the loader's {len(loader)} batches: lower it, or "
-                          "give the data more images (bench.generate.train_per_class)")
+def images_per_second(loader, rounds: int) -> float:
+    """Images a second over `rounds` rounds of one batch a worker, after the first round. The workers start together
+    and their first batches arrive together: counting them (as this bench once did) overstates the rate."""
+    per_round = max(loader.num_workers, 1)
+    if len(loader) < (rounds + 1) * per_round:
+        raise VimexpError(f"bench.rounds={rounds} with {loader.num_workers} workers needs {(rounds + 1) * per_round} "
+                          f"batches, more than the loader's {len(loader)}: lower it, or give the data more images "
+                          "(bench.generate.train_per_class)")
     it = iter(loader)
-    next(it)
+    for _ in range(per_round):
+        next(it)
     images, start = 0, time.perf_counter()
-    for _ in range(batches):
+    for _ in range(rounds * per_round):
         images += len(next(it)[0])
     return images / (time.perf_counter() - start)
 
@@ -40,12 +44,12 @@ def run(cfg) -> dict:
         root = ensure_photo_folder(b.root, **b.generate)
         overrides += [f"data.root={root}", f"data.num_classes={b.generate.classes}"]
     record = {"environment": {**environment(torch.device("cpu")), "cpus": os.cpu_count()}, "command": command(),
-              "batch": b.batch, "batches": b.batches, "train_overrides": overrides, "rows": []}
+              "batch": b.batch, "rounds": b.rounds, "train_overrides": overrides, "rows": []}
     for workers in tqdm(b.workers, desc="bench", unit="config"):
         data = instantiate(compose_train([*overrides, f"data.batch_size={b.batch}", f"data.num_workers={workers}",
                                            "paths.output_dir=."]).data)
         data.setup("fit")
-        rate = images_per_second(data.train_dataloader(), b.batches)
+        rate = images_per_second(data.train_dataloader(), b.rounds)
         row = {"workers": workers, "img_per_sec": round(rate, 1),
                "img_per_sec_per_worker": round(rate / workers, 1) if workers else None}
         record["rows"].append(row)
