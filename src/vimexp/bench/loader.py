@@ -3,7 +3,7 @@
     python -m vimexp.bench bench=loader [bench.workers=[4,8,14]] [bench.train_overrides=[data=imagenet,data.root=DIR]]
 
 Its img/s beside a model step's (bench=train) says whether a run can be loader-bound: on the H200 host, DeiT's
-ImageNet pipeline decoded 242 photo-sized JPEGs a second a worker (docs/optimisation.md, step 26). By default it times
+ImageNet pipeline decoded 187 photo-sized JPEGs a second a worker (docs/optimisation.md, step 31). By default it times
 that pipeline on JPEGs it generates once (`bench.root`, `bench.generate`). Writes results.json to out_dir.
 """
 import os
