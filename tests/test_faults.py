@@ -210,6 +210,7 @@ def test_an_unreadable_last_checkpoint_names_the_way_out(straight, tiny_data, tm
     ("+trainer.max_epoch=1", "trainer.max_epoch is not an option of Trainer: did you mean trainer.max_epochs?"),
     ("data.img_size=30", "img_size 30 is not covered by patches of 8 px every 8 px"),
     ("data.num_workers=-1", "data.num_workers=-1 must be 0 or more"),
+    ("data.re_mode=noise", "data.re_mode=noise is not an erasing mode: use one of pixel, rand, const"),
 ])
 def test_bad_values_fail_in_one_line_before_any_data(override, message, tmp_path):
     run = run_cli("train", override, "logger=csv", cwd=tmp_path)

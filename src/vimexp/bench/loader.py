@@ -33,7 +33,7 @@ def images_per_second(loader, rounds: int) -> float:
         next(it)
     images, start = 0, time.perf_counter()
     for _ in range(rounds * per_round):
-        images += len(next(it)[0])
+        images += len(next(it)[-1])  # the targets: a training batch's images come with their erasing boxes
     return images / (time.perf_counter() - start)
 
 

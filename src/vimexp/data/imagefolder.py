@@ -1,8 +1,17 @@
-"""ImageFolder datamodule (ImageNet layout: root/train/<class>/*.jpg, root/val/<class>/*.jpg) with timm's transforms."""
+"""ImageFolder datamodule (ImageNet layout: root/train/<class>/*.jpg, root/val/<class>/*.jpg) with timm's transforms.
+
+Batches travel as uint8 and are normalised, and randomly erased, on the device after the transfer, as timm's own
+training script does (its prefetcher): a quarter of a float batch's bytes through the workers' shared memory, the
+pinned copy and the bus, and a fifth more images a second from the same workers (docs/optimisation.md, step 33).
+"""
+import math
+import random
 from pathlib import Path
 
+import torch
 from PIL import Image
 from timm.data import create_transform
+from torchvision.transforms import Compose
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -92,10 +101,85 @@ class ImageFolderDataModule(ShardedDataModule):
         if len(classes) != h.num_classes:
             raise VimexpError(f"{self.root} has {len(classes)} classes but data.num_classes={h.num_classes}: "
                               f"set data.num_classes={len(classes)}")
-        common = dict(input_size=h.img_size, interpolation=h.interpolation, mean=h.mean, std=h.std)
+        # use_prefetcher: timm's transforms up to a uint8 tensor; normalising and erasing are on_after_batch_transfer's
+        common = dict(input_size=h.img_size, interpolation=h.interpolation, use_prefetcher=True)
         train_tf = create_transform(**common, is_training=True, scale=tuple(h.scale), hflip=h.hflip,
-                                    color_jitter=h.color_jitter, auto_augment=h.auto_augment, re_prob=h.re_prob,
-                                    re_mode=h.re_mode, re_count=h.re_count)
+                                    color_jitter=h.color_jitter, auto_augment=h.auto_augment)
+        train_tf = Compose([train_tf, EraseBoxes(h.re_prob, h.re_count)])
         eval_tf = create_transform(**common, is_training=False, crop_pct=h.crop_pct)
         self.train_set = CheckedImageFolder(self.root / "train", train_tf, seed=self.hparams.seed)
         self.val_set = CheckedImageFolder(self.root / val_split, eval_tf)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        images, targets = batch
+        if isinstance(images, (list, tuple)):  # training: the erasing boxes, read here so that the device never syncs
+            images, boxes = images
+            return images, targets, boxes.tolist()
+        return images, targets, None
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        images, targets, boxes = batch
+        mean, std = self._moments(images.device)
+        images = (images.float() - mean) / std
+        if boxes:
+            erase(images, boxes, self.hparams.re_mode, self._generator(images.device))
+        return images, targets
+
+    def _moments(self, device):
+        """mean and std x 255 as (C, 1, 1) tensors on `device`, made once (a host-to-device copy a batch would sync)."""
+        if getattr(self, "_moments_on", (None,))[0] != device:
+            h = self.hparams
+            self._moments_on = device, *(torch.tensor(v, device=device).mul(255).view(-1, 1, 1) for v in (h.mean, h.std))
+        return self._moments_on[1:]
+
+    def _generator(self, device):
+        if getattr(self, "_erase_generator", None) is None or self._erase_generator.device != device:
+            self._erase_generator = torch.Generator(device=device)
+        return self._erase_generator
+
+
+ERASE_MODES = ("pixel", "rand", "const")  # timm's: noise per pixel, one random colour a box, zeros (data.re_mode)
+
+
+class EraseBoxes:
+    """The worker's half of random erasing (timm's RandomErasing, DeiT's re_prob / re_count): where to erase a
+    (C, H, W) image, drawn from the sample's seeded RNG, and a seed for the fill, as `(image, boxes)` with boxes
+    (count, 5) int64 rows of (top, left, height, width, seed), height 0 for none. `erase` fills them on the device.
+    Written here because timm's erases in the same call that draws: its boxes can't travel without the image."""
+
+    def __init__(self, probability: float, count: int = 1, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3), attempts=10):
+        self.probability, self.count, self.area, self.attempts = probability, count, area, attempts
+        self.log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+
+    def __call__(self, image: torch.Tensor):
+        boxes = torch.zeros(self.count, 5, dtype=torch.int64)
+        if self.probability > 0 and random.random() < self.probability:
+            _, height, width = image.shape
+            n = 1 if self.count == 1 else random.randint(1, self.count)
+            for k in range(n):
+                for _ in range(self.attempts):
+                    area = random.uniform(*self.area) * height * width / n
+                    aspect = math.exp(random.uniform(*self.log_aspect))
+                    h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                    if h < height and w < width:
+                        boxes[k] = torch.tensor([random.randint(0, height - h), random.randint(0, width - w), h, w,
+                                                 random.getrandbits(63)])
+                        break
+        return image, boxes
+
+
+def erase(images: torch.Tensor, boxes: list, mode: str, generator: torch.Generator) -> None:
+    """Fill each image's boxes (EraseBoxes' rows, as lists) in place with normal noise drawn from the box's own
+    seed: per pixel ('pixel'), one colour a box ('rand'), or zeros ('const'). Normalised images: noise ~ N(0, 1)."""
+    channels = images.shape[1]
+    for i, rows in enumerate(boxes):
+        for top, left, h, w, seed in rows:
+            if not h:
+                continue
+            if mode == "const":
+                fill = 0.0
+            else:
+                shape = (channels, h, w) if mode == "pixel" else (channels, 1, 1)
+                fill = torch.randn(shape, generator=generator.manual_seed(seed), device=images.device,
+                                   dtype=images.dtype)
+            images[i, :, top:top + h, left:left + w] = fill
