@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from timm.data import create_transform
-from torchvision.transforms import Compose
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import Compose
 
 from vimexp import VimexpError
 from vimexp.data import compat  # noqa: F401  (RandAugment on current Pillow)
@@ -89,6 +89,7 @@ class ImageFolderDataModule(ShardedDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
+        self._moments_on = self._erase_generator = None  # made on the batches' device at their first transfer
 
     def prepare_data(self):  # rank 0 only: make the built-in dataset once
         if self.hparams.generate:
@@ -127,13 +128,13 @@ class ImageFolderDataModule(ShardedDataModule):
 
     def _moments(self, device):
         """mean and std x 255 as (C, 1, 1) tensors on `device`, made once (a host-to-device copy a batch would sync)."""
-        if getattr(self, "_moments_on", (None,))[0] != device:
+        if self._moments_on is None or self._moments_on[0] != device:
             h = self.hparams
-            self._moments_on = device, *(torch.tensor(v, device=device).mul(255).view(-1, 1, 1) for v in (h.mean, h.std))
+            self._moments_on = device, *(torch.tensor(v, device=device).mul(255)[:, None, None] for v in (h.mean, h.std))
         return self._moments_on[1:]
 
     def _generator(self, device):
-        if getattr(self, "_erase_generator", None) is None or self._erase_generator.device != device:
+        if self._erase_generator is None or self._erase_generator.device != device:
             self._erase_generator = torch.Generator(device=device)
         return self._erase_generator
 
