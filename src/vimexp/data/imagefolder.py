@@ -130,7 +130,7 @@ class ImageFolderDataModule(ShardedDataModule):
         """mean and std x 255 as (C, 1, 1) tensors on `device`, made once (a host-to-device copy a batch would sync)."""
         if self._moments_on is None or self._moments_on[0] != device:
             h = self.hparams
-            self._moments_on = device, *(torch.tensor(v, device=device).mul(255)[:, None, None] for v in (h.mean, h.std))
+            self._moments_on = device, *(255 * torch.tensor(v, device=device)[:, None, None] for v in (h.mean, h.std))
         return self._moments_on[1:]
 
     def _generator(self, device):
