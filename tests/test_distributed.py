@@ -1,9 +1,12 @@
-"""Scale-out on the CPU: DDP over two gloo processes, DDP inside Hydra multiruns, submitit's local launcher, the
-SLURM presets and requeue into the same run directory."""
+"""Scale-out on the CPU: DDP over two gloo processes (one of them killed, then resumed), DDP inside Hydra multiruns,
+submitit's local launcher, the SLURM presets and requeue into the same run directory."""
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import submitit
@@ -141,3 +144,32 @@ def test_repeated_augmentation_augments_each_copy_differently_and_reproducibly(t
     for c in repeated:
         assert all(not torch.equal(a, b) for i, a in enumerate(c) for b in c[i + 1:])
     assert all(torch.equal(a[1], b[1]) for a, b in zip(draws, draw(0) + draw(1)))
+
+
+def test_a_killed_rank_fails_the_run_in_one_line_and_the_same_command_resumes_it_exactly(tiny_data, tmp_path):
+    """kill -9 on one process of a 2-process DDP run, mid-epoch after a checkpoint: the other one stops within
+    seconds, not at a collective's timeout, in one line naming the resume command, with no process left behind;
+    that command ends where an uninterrupted 2-process run does, bit for bit (weights, EMA, optimizer state)."""
+    from test_faults import RUN, assert_same_training, start, wait_for
+    args = [*data_overrides(tiny_data), *(a for a in RUN if not a.startswith("trainer.accelerator")), *DDP2]
+    _train_in(tmp_path / "straight", *args, cwd=tmp_path)
+    out = tmp_path / "run"
+    proc = start([*args, f"hydra.run.dir={out}"], tmp_path)
+    wait_for(out / "checkpoints" / "last.ckpt", proc)
+    rank1 = next(int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                 if b"LOCAL_RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
+    os.kill(rank1, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    message = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, stderr[-3000:]
+    assert message.startswith("error: another process of this 2-process run ended (")
+    deadline = time.time() + 20  # the loader workers see their parent gone within 5 s
+    pgrep = ["pgrep", "-f", f"hydra.run.dir={out}"]
+    while left := subprocess.run(pgrep, capture_output=True, text=True).stdout.split():
+        assert time.time() < deadline, f"processes of the run still alive: {left}"
+        time.sleep(0.5)
+    command = shlex.split(message.split("resume with: ", 1)[1])
+    resumed = run_cli("train", *command[3:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert_same_training(tmp_path / "straight", out)

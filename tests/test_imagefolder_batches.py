@@ -10,11 +10,11 @@ from torch.utils.data import default_collate
 from vimexp.data.imagefolder import CheckedImageFolder, EraseBoxes, ImageFolderDataModule, erase
 from vimexp.data.sampling import seeded
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = (0.3, 0.6, 0.5), (0.2, 0.3, 0.25)  # not timm's defaults: RandAugment must fill with this mean
 
 
 def _datamodule(tiny_data, **kwargs):
-    dm = ImageFolderDataModule(tiny_data, num_classes=10, img_size=32, batch_size=8, num_workers=0, mean=MEAN,
+    dm = ImageFolderDataModule(tiny_data, num_classes=10, img_size=32, batch_size=16, num_workers=0, mean=MEAN,
                                std=STD, **kwargs)
     dm.setup()
     return dm
@@ -26,17 +26,20 @@ def _on_device(dm, samples):
     return dm.on_after_batch_transfer(batch, 0)
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_uint8_batches_normalise_to_timms_float_pipeline(tiny_data, split):
-    """Without erasing, the same keys give what timm's float transforms give in the worker, to float rounding:
-    the augmentations draw the same numbers, only the normalisation moved."""
-    dm = _datamodule(tiny_data, re_prob=0.0, auto_augment="rand-m9-mstd0.5-inc1", scale=(0.5, 1.0))
-    float_tf = create_transform(32, is_training=split == "train", auto_augment="rand-m9-mstd0.5-inc1", hflip=0.5,
-                                color_jitter=0.3, scale=(0.5, 1.0), interpolation="bicubic", crop_pct=0.875,
-                                mean=MEAN, std=STD)
+@pytest.mark.parametrize("split, re_prob, re_count", [("train", 0.0, 1), ("train", 1.0, 1), ("train", 1.0, 3),
+                                                      ("val", 0.0, 1)])
+def test_uint8_batches_end_as_timms_float_pipeline_makes_them(tiny_data, split, re_prob, re_count):
+    """The same keys give what timm's float transforms give in the worker, to float rounding: the augmentations
+    (RandAugment filling with this data's mean colour) and the erasing boxes draw the same numbers, only the
+    normalising and erasing moved ('const' erasing, so that the fills compare too)."""
+    common = dict(auto_augment="rand-m9-mstd0.5-inc1", scale=(0.5, 1.0), re_prob=re_prob, re_mode="const",
+                  re_count=re_count)
+    dm = _datamodule(tiny_data, **common)
+    float_tf = create_transform(32, is_training=split == "train", hflip=0.5, color_jitter=0.3, interpolation="bicubic",
+                                crop_pct=0.875, mean=MEAN, std=STD, **common)
     reference = CheckedImageFolder(tiny_data / split, float_tf)
     dataset = dm.train_set if split == "train" else dm.val_set
-    keys = [(i, 3, (-1, -1)) for i in range(0, 80, 10)] if split == "train" else list(range(8))
+    keys = [(i, 3, (-1, -1)) for i in range(0, 80, 5)] if split == "train" else list(range(16))
     samples = [dataset[k] for k in keys]
     images = samples[0][0][0] if split == "train" else samples[0][0]
     assert images.dtype == torch.uint8
@@ -44,6 +47,8 @@ def test_uint8_batches_normalise_to_timms_float_pipeline(tiny_data, split):
     want = torch.stack([reference[k][0] for k in keys])
     assert got.dtype == torch.float32 and (got - want).abs().max() < 1e-5
     assert targets.tolist() == [reference[k][1] for k in keys]
+    if re_prob:
+        assert (got == 0).flatten(1).any(1).all()  # every image erased
 
 
 def test_erasing_boxes_are_drawn_from_the_sample_and_filled_from_their_own_seed():

@@ -9,7 +9,9 @@ import hashlib
 import inspect
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
 import textwrap
 from contextlib import contextmanager
@@ -100,7 +102,8 @@ def setup():
     OmegaConf.register_new_resolver("name_join", lambda *parts: "-".join(str(p) for p in parts if p), replace=True)
     OmegaConf.register_new_resolver("tags_with", lambda tags, *extra: [*tags, *(e for e in extra if e)], replace=True)
     from lightning.pytorch.strategies.launchers import subprocess_script
-    subprocess_script._hydra_subprocess_cmd = ddp_child_command  # Lightning looks it up here at launch
+    subprocess_script._hydra_subprocess_cmd = ddp_child_command  # Lightning looks both up here at launch
+    subprocess_script._launch_process_observer = watch_ddp_children
 
 
 def sweep_id(argv: list[str]) -> str:
@@ -122,6 +125,48 @@ def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
                f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"', "hydra.output_subdir=null",
                f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}"]
     return command, hydra_cfg.runtime.cwd
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues this run in its own directory."""
+    from hydra.core.hydra_config import HydraConfig
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if not o.startswith(("ckpt_path=", "hydra.run.dir=", "sweep_id="))]
+    return shlex.join([Path(sys.executable).name, "-m", "vimexp.train", *overrides, f"hydra.run.dir={out}"])
+
+
+def lost_a_process(world: int, what: str, out: Path, resume: str) -> str:
+    """The one line for a DDP run one of whose processes ended: what happened, what was kept, how to resume."""
+    last = out / "checkpoints" / "last.ckpt"
+    kept = f"{last} holds its last checkpoint" if last.is_file() else "no checkpoint was written yet"
+    return f"another process of this {world}-process run ended ({what}); {kept}; resume with: {resume}"
+
+
+def watch_ddp_children(children: list) -> None:
+    """Lightning's watch over the DDP processes it starts, saying how to resume: one that ends with an error (killed,
+    out of memory) takes the run down within a second, in one line, rather than leave the others in a collective
+    until its timeout. Lightning's own watch kills everything too, without a word on resuming."""
+    import threading
+    import time
+    from hydra.core.hydra_config import HydraConfig
+    out = Path(HydraConfig.get().runtime.output_dir)
+    resume = resume_command(out)
+
+    def watch():
+        while True:
+            time.sleep(1)
+            codes = [child.poll() for child in children]
+            if all(code == 0 for code in codes):
+                return
+            rank, code = next(((i + 1, c) for i, c in enumerate(codes) if c), (None, None))
+            if rank is not None:
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+                line = lost_a_process(len(children) + 1, f"rank {rank}, {how}", out, resume)
+                print(f"error: {line}", file=sys.stderr, flush=True)
+                for child in children:
+                    child.kill()
+                os._exit(2)  # at once, whatever the main thread is blocked in
+    threading.Thread(target=watch, daemon=True, name="vimexp-ddp-watch").start()
 
 
 def group_choices(group: str) -> list[str]:

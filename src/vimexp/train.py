@@ -1,7 +1,5 @@
 """Train a model: `python -m vimexp.train [experiment=...] [ablation=...] [key=value ...]` (see conf/train.yaml)."""
 import os
-import shlex
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +9,6 @@ exit_on_help("train", __name__)  # `--help` answered before Lightning and torch 
 
 import lightning as L
 from filelock import FileLock, Timeout
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import open_dict
@@ -19,7 +16,7 @@ from omegaconf import open_dict
 from vimexp import VimexpError
 from vimexp.build import build_datamodule, build_loggers, build_task, build_trainer
 from vimexp.callbacks import BatchSeed, CheckpointOnSignal, SaveConfig
-from vimexp.cli import cli
+from vimexp.cli import cli, lost_a_process, resume_command
 from vimexp.curves import write_curves
 from vimexp.models.checkpoint import check_compatible, read_checkpoint
 from vimexp.record import run_record, write_json
@@ -81,11 +78,11 @@ def run_directory_lock(out: Path):
         lock.release()
 
 
-def resume_command(out: Path) -> str:
-    """The command that continues this run in its own directory."""
-    overrides = [o for o in HydraConfig.get().overrides.task
-                 if not o.startswith(("ckpt_path=", "hydra.run.dir=", "sweep_id="))]
-    return shlex.join([Path(sys.executable).name, "-m", "vimexp.train", *overrides, f"hydra.run.dir={out}"])
+def lost_a_peer(e: Exception) -> bool:
+    """A collective failed because another process of the run is gone: NCCL's error, or gloo's closed socket."""
+    import torch.distributed as dist
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("Connection reset by peer",
+                                                                        "Connection closed by peer"))
 
 
 def train(cfg) -> dict:
@@ -108,7 +105,13 @@ def train(cfg) -> dict:
         trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
         for logger in trainer.loggers:  # the whole run's config (W&B, hparams.yaml), not only the task's arguments
             logger.log_hyperparams(saved.config)
-        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        except Exception as e:
+            if trainer.world_size > 1 and lost_a_peer(e):  # before the launcher's watch saw it (cli.py)
+                raise VimexpError(lost_a_process(trainer.world_size, f"seen at step {trainer.global_step}", out,
+                                                 resume_command(out))) from e
+            raise
         record = run_record(cfg, task, trainer, started)
         if trainer.is_global_zero:
             write_json(out / "results.json", record)

@@ -102,8 +102,9 @@ class ImageFolderDataModule(ShardedDataModule):
         if len(classes) != h.num_classes:
             raise VimexpError(f"{self.root} has {len(classes)} classes but data.num_classes={h.num_classes}: "
                               f"set data.num_classes={len(classes)}")
-        # use_prefetcher: timm's transforms up to a uint8 tensor; normalising and erasing are on_after_batch_transfer's
-        common = dict(input_size=h.img_size, interpolation=h.interpolation, use_prefetcher=True)
+        # use_prefetcher: timm's transforms up to a uint8 tensor (the mean still sets RandAugment's fill colour);
+        # normalising and erasing are on_after_batch_transfer's
+        common = dict(input_size=h.img_size, interpolation=h.interpolation, mean=h.mean, std=h.std, use_prefetcher=True)
         train_tf = create_transform(**common, is_training=True, scale=tuple(h.scale), hflip=h.hflip,
                                     color_jitter=h.color_jitter, auto_augment=h.auto_augment)
         train_tf = Compose([train_tf, EraseBoxes(h.re_prob, h.re_count)])
@@ -124,6 +125,8 @@ class ImageFolderDataModule(ShardedDataModule):
         images = (images.float() - mean) / std
         if boxes:
             erase(images, boxes, self.hparams.re_mode, self._generator(images.device))
+        if self.trainer is not None:  # Lightning converted the batch before the transfer, when it was still uint8
+            images = self.trainer.precision_plugin.convert_input(images)  # float32 but for *-true precisions
         return images, targets
 
     def _moments(self, device):
@@ -149,29 +152,31 @@ class EraseBoxes:
     Written here because timm's erases in the same call that draws: its boxes can't travel without the image."""
 
     def __init__(self, probability: float, count: int = 1, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3), attempts=10):
-        self.probability, self.count, self.area, self.attempts = probability, count, area, attempts
+        self.probability, self.count, self.area, self.attempts = probability, count or 1, area, attempts
         self.log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
 
     def __call__(self, image: torch.Tensor):
         boxes = torch.zeros(self.count, 5, dtype=torch.int64)
-        if self.probability > 0 and random.random() < self.probability:
+        if self.probability > 0 and not random.random() > self.probability:  # timm's test, timm's draws in its order
             _, height, width = image.shape
             n = 1 if self.count == 1 else random.randint(1, self.count)
             for k in range(n):
                 for _ in range(self.attempts):
-                    area = random.uniform(*self.area) * height * width / n
+                    area = random.uniform(*self.area) * (height * width) / n
                     aspect = math.exp(random.uniform(*self.log_aspect))
                     h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
                     if h < height and w < width:
-                        boxes[k] = torch.tensor([random.randint(0, height - h), random.randint(0, width - w), h, w,
-                                                 random.getrandbits(63)])
+                        boxes[k, :4] = torch.tensor([random.randint(0, height - h), random.randint(0, width - w), h, w])
                         break
+            boxes[:, 4] = torch.tensor([random.getrandbits(63) for _ in range(self.count)])  # after every box's draws
         return image, boxes
 
 
 def erase(images: torch.Tensor, boxes: list, mode: str, generator: torch.Generator) -> None:
     """Fill each image's boxes (EraseBoxes' rows, as lists) in place with normal noise drawn from the box's own
     seed: per pixel ('pixel'), one colour a box ('rand'), or zeros ('const'). Normalised images: noise ~ N(0, 1)."""
+    if mode not in ERASE_MODES:
+        raise VimexpError(f"data.re_mode={mode!r} is not an erasing mode: use one of {', '.join(ERASE_MODES)}")
     channels = images.shape[1]
     for i, rows in enumerate(boxes):
         for top, left, h, w, seed in rows:
