@@ -14,11 +14,10 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 from timm.data import create_transform
-from timm.data.distributed_sampler import RepeatAugSampler
 
 from conftest import TINY_RUN, compose_cfg, data_overrides, run_cli
 from vimexp.data.imagefolder import CheckedImageFolder
-from vimexp.data.sampling import EpochIndexSampler
+from vimexp.data.sampling import EpochIndexSampler, GroupedRepeatSampler
 from vimexp.build import build_trainer
 
 # no randomness inside a step (mixup, drop path), so that the processes can't differ but by float rounding
@@ -132,8 +131,8 @@ def test_repeated_augmentation_augments_each_copy_differently_and_reproducibly(t
     dataset = CheckedImageFolder(tiny_data / "train", create_transform(32, is_training=True, hflip=0.5), seed=0)
 
     def draw(rank):  # DeiT's repeated augmentation over 2 processes: each image 3 times, spread over the ranks
-        sampler = RepeatAugSampler(dataset, num_replicas=2, rank=rank, num_repeats=3, selected_round=0)
-        return [(key[0], dataset[key][0]) for key in EpochIndexSampler(sampler, rank=rank)]
+        sampler = GroupedRepeatSampler(dataset, 2, 8, 8 * rank, 8)
+        return [(key[0], dataset[key][0]) for key in EpochIndexSampler(sampler)]
 
     draws = draw(0) + draw(1)
     copies = {}

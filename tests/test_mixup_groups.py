@@ -1,5 +1,7 @@
 """Mixup / CutMix once per data.mixup_group images (the official per-GPU batch), and repeated augmentation that deals an
 image's copies to different groups, so that 1, 2 or 4 devices (or 8 GPUs) draw the same statistics."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -122,12 +124,12 @@ def test_devices_split_the_one_device_batches(world):
 
 def test_resume_skips_into_the_same_grouped_stream():
     """A run resumed after 2 batches of epoch 1 loads the rest of that epoch's stream, then epoch 2 from its start."""
-    full = list(EpochIndexSampler(GroupedRepeatSampler(DATA, 4, 8, 0, 32), rank=0, epoch=1))
-    resumed = EpochIndexSampler(GroupedRepeatSampler(DATA, 4, 8, 0, 32), rank=0, epoch=1, skip=64)
+    full = list(EpochIndexSampler(GroupedRepeatSampler(DATA, 4, 8, 0, 32), epoch=1))
+    resumed = EpochIndexSampler(GroupedRepeatSampler(DATA, 4, 8, 0, 32), epoch=1, skip=64)
     assert list(resumed) == full[64:]
     assert len({salt for _, _, salt in full}) == len(full)  # every copy its own augmentation
     resumed.set_epoch(2)
-    assert list(resumed) == list(EpochIndexSampler(GroupedRepeatSampler(DATA, 4, 8, 0, 32), rank=0, epoch=2))
+    assert list(resumed) == list(EpochIndexSampler(GroupedRepeatSampler(DATA, 4, 8, 0, 32), epoch=2))
 
 
 # ----- through the datamodule and a training run
@@ -142,6 +144,25 @@ def test_the_datamodule_repeats_over_groups_on_one_device(tiny_data):
         dm.train_dataloader()
     dm.hparams.update(mixup_group=16)  # one group: no repeats, as DeiT on one GPU
     assert not isinstance(dm.train_dataloader().sampler.sampler, GroupedRepeatSampler)
+
+
+def test_the_datamodule_seeds_each_copy_alike_on_one_and_on_two_devices(tiny_data):
+    """The keys that seed each sample's augmentation (index, epoch, salt), global batch by global batch, are the
+    same on 1 and 2 devices: a copy's salt is its place in the global batch, not in a device's stream."""
+    def keys(world):
+        dm = ImageFolderDataModule(tiny_data, num_classes=10, img_size=32, batch_size=16, mixup_group=8,
+                                   num_workers=0, auto_augment=None, re_prob=0.0)
+        dm.setup()
+        progress = SimpleNamespace(total=SimpleNamespace(processed=0))
+        loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+        streams = []
+        for rank in range(world):
+            dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, limit_train_batches=1.0, fit_loop=loop)
+            streams.append(list(dm.train_dataloader().sampler))
+        b = 16 // world
+        return [[key for s in streams for key in s[t * b:(t + 1) * b]] for t in range(len(streams[0]) // b)]
+    one = keys(1)
+    assert keys(2) == one and len({key[2] for batch in one for key in batch}) == 80  # every copy its own salt
 
 
 def test_a_run_mixes_per_group_with_repeated_augmentation(tiny_data, tmp_path):

@@ -56,14 +56,15 @@ class SeededDataset(torch.utils.data.Dataset):
 class EpochIndexSampler(torch.utils.data.Sampler):
     """Wraps a sampler to yield (index, epoch, salt), so that the dataset can seed each sample's augmentation.
 
-    The salt is (-1, -1), unless `rank` is given for a sampler that yields an image more than once per epoch (repeated
-    augmentation): then it is (rank, position), so that each copy is augmented differently. Only ints: their hash is
-    the same in every process (None's is not, before Python 3.12). `skip` leaves out the first indices of `epoch`
-    (a run resumed within it); a new epoch starts from its first.
+    The salt is (-1, -1), unless the sampler yields an image more than once per epoch (repeated augmentation) and
+    says where each index sits in the global batch (`global_position`): then it is that (step, place), so that each
+    copy is augmented differently, and alike on any number of processes. Only ints: their hash is the same in every
+    process (None's is not, before Python 3.12). `skip` leaves out the first indices of `epoch` (a run resumed within
+    it); a new epoch starts from its first.
     """
 
-    def __init__(self, sampler, rank: int | None = None, epoch: int = 0, skip: int = 0):
-        self.sampler, self.rank, self.epoch, self.skip = sampler, rank, None, skip
+    def __init__(self, sampler, epoch: int = 0, skip: int = 0):
+        self.sampler, self.epoch, self.skip = sampler, None, skip
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int):
@@ -75,8 +76,9 @@ class EpochIndexSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         epoch, keys = self.epoch, enumerate(self.sampler)
+        place = getattr(self.sampler, "global_position", None)
         for pos, i in itertools.islice(keys, self.skip, None):
-            yield (i, epoch, (-1, -1) if self.rank is None else (self.rank, pos))
+            yield (i, epoch, (-1, -1) if place is None else place(pos))
 
     def __len__(self):
         return len(self.sampler)
@@ -98,6 +100,11 @@ class GroupedRepeatSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int):
         for part in self.parts.values():
             part.set_epoch(epoch)
+
+    def global_position(self, pos: int) -> tuple[int, int]:
+        """(step, place in the global batch) of this process's pos-th index: the same on any number of processes."""
+        step, j = divmod(pos, self.batch)
+        return step, self.offset + j
 
     def __iter__(self):
         parts = {v: list(part) for v, part in self.parts.items()}  # each group's images of this epoch, in order
@@ -191,9 +198,8 @@ class ShardedDataModule(L.LightningDataModule):
             # of processes, and a resumed run sees the same batches as a straight one.
             sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
                                                           seed=self.hparams.seed, drop_last=True)
-            rank = None
         epoch, done = self._resume_position(len(sampler) // self.per_device_batch)
-        keys = EpochIndexSampler(sampler, rank=rank, epoch=epoch, skip=done * self.per_device_batch)
+        keys = EpochIndexSampler(sampler, epoch=epoch, skip=done * self.per_device_batch)
         return self._loader(self.train_set, True, keys)
 
     def val_dataloader(self):
