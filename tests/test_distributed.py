@@ -157,6 +157,7 @@ def test_a_killed_rank_fails_the_run_in_one_line_and_the_same_command_resumes_it
     wait_for(out / "checkpoints" / "last.ckpt", proc)
     rank1 = next(int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
                  if b"LOCAL_RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
+    assert f"VIMEXP_DDP_PARENT={proc.pid}\0".encode() in Path(f"/proc/{rank1}/environ").read_bytes()
     os.kill(rank1, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     message = stderr.strip().splitlines()[-1]
@@ -172,3 +173,28 @@ def test_a_killed_rank_fails_the_run_in_one_line_and_the_same_command_resumes_it
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     assert_same_training(tmp_path / "straight", out)
+
+
+def test_a_ddp_child_dies_with_the_first_process_however_it_ends(tmp_path):
+    """die_with_parent, as every vimexp command runs it first: a process started with the first process's pid in
+    VIMEXP_DDP_PARENT (as ddp_child_command's children are) is killed when that process is killed outright; one
+    started without it lives on."""
+    child = ("import sys, time; from vimexp.cli import die_with_parent; die_with_parent(); print('ready', flush=True); "
+             "time.sleep(120)")
+    parent = ("import os, subprocess, sys, time; env = dict(os.environ); "
+              "env.update({'VIMEXP_DDP_PARENT': str(os.getpid())} if sys.argv[1] == 'ddp' else {}); "
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], env=env, stdout=subprocess.PIPE, text=True); "
+              "p.stdout.readline(); print(p.pid, flush=True); time.sleep(120)")
+    for kind, dies in (("ddp", True), ("other", False)):
+        proc = subprocess.Popen([sys.executable, "-c", parent, kind], stdout=subprocess.PIPE, text=True)
+        pid = int(proc.stdout.readline())
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z" \
+                and time.time() < deadline:
+            time.sleep(0.1)
+        alive = Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        if alive:
+            os.kill(pid, signal.SIGKILL)
+        assert alive != dies, (kind, alive)

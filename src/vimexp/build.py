@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from vimexp import VimexpError
+from vimexp.cli import PARENT_ENV
 
 
 def build_datamodule(cfg, **overrides) -> L.LightningDataModule:
@@ -151,6 +152,9 @@ def build_trainer(cfg, callbacks=(), loggers=()) -> L.Trainer:
         plugins.append(SLURMEnvironment(auto_requeue=False))
     options = {"enable_model_summary": False,  # its 15-line table; the parameter count is in results.json
                **OmegaConf.to_container(cfg.trainer, resolve=True)}
-    return L.Trainer(**options, callbacks=list(callbacks), logger=list(loggers) or False, plugins=plugins,
-                     default_root_dir=cfg.paths.output_dir,
-                     use_distributed_sampler=False)  # the datamodule shards its loaders itself
+    trainer = L.Trainer(**options, callbacks=list(callbacks), logger=list(loggers) or False, plugins=plugins,
+                        default_root_dir=cfg.paths.output_dir,
+                        use_distributed_sampler=False)  # the datamodule shards its loaders itself
+    if trainer.world_size > 1 and not trainer.strategy.cluster_environment.creates_processes_externally:
+        os.environ[PARENT_ENV] = str(os.getpid())  # the DDP children Lightning starts die with this process
+    return trainer

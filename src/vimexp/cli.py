@@ -127,6 +127,19 @@ def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
     return command, hydra_cfg.runtime.cwd
 
 
+PARENT_ENV = "VIMEXP_DDP_PARENT"  # set by build_trainer in a first process that starts its DDP children itself
+
+
+def die_with_parent():
+    """In a DDP child that the first process started (its pid in VIMEXP_DDP_PARENT): be killed (SIGKILL) when that
+    process ends, however it ends. Killed outright (say by the kernel's out-of-memory killer), it would otherwise leave
+    the others in a collective until NCCL's timeout, holding their GPUs. Linux only (prctl)."""
+    if os.environ.get(PARENT_ENV) != str(os.getppid()) or not sys.platform.startswith("linux"):
+        return  # not such a child (or its parent is already gone: then its first collective fails)
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def resume_command(out: Path) -> str:
     """The command that continues this run in its own directory."""
     from hydra.core.hydra_config import HydraConfig
@@ -364,6 +377,7 @@ def no_empty_run_dir():
 
 def cli(run_fn, config_name: str):
     """`python -m vimexp.<name>`: config choices checked up front, the Hydra job run, user errors as one line."""
+    die_with_parent()
     exit_on_help(config_name)
     import hydra
 
