@@ -198,3 +198,19 @@ def test_a_ddp_child_dies_with_the_first_process_however_it_ends(tmp_path):
         if alive:
             os.kill(pid, signal.SIGKILL)
         assert alive != dies, (kind, alive)
+
+
+def test_sigterm_to_a_ddp_run_stops_it_in_order_with_the_resume_command(tiny_data, tmp_path):
+    """SLURM's preemption signal to every process of a 2-process run: the ranks agree on a step, write last.ckpt and
+    stop with 128 + SIGTERM and the command that resumes, the first process's own line last (not the watch's line
+    for a lost process)."""
+    from test_faults import RUN, start, wait_for
+    out = tmp_path / "run"
+    proc = start([*data_overrides(tiny_data), *(a for a in RUN if not a.startswith("trainer.accelerator")), *DDP2,
+                  f"hydra.run.dir={out}"], tmp_path)
+    wait_for(out / "checkpoints" / "last.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith("error: stopped by SIGTERM at step") and "resume with: " in message

@@ -158,12 +158,16 @@ def lost_a_process(world: int, what: str, out: Path, resume: str) -> str:
 def watch_ddp_children(children: list) -> None:
     """Lightning's watch over the DDP processes it starts, saying how to resume: one that ends with an error (killed,
     out of memory) takes the run down within a second, in one line, rather than leave the others in a collective
-    until its timeout. Lightning's own watch kills everything too, without a word on resuming."""
+    until its timeout. One that ends as every rank does when the run stops in order (a one-line error, a stop
+    signal) gets 30 s for this process to make the same stop. Lightning's own watch kills without a word on
+    resuming."""
     import threading
     import time
     from hydra.core.hydra_config import HydraConfig
     out = Path(HydraConfig.get().runtime.output_dir)
     resume = resume_command(out)
+    orderly = {2, *(128 + s for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT))}
+    first_seen = {}
 
     def watch():
         while True:
@@ -171,14 +175,18 @@ def watch_ddp_children(children: list) -> None:
             codes = [child.poll() for child in children]
             if all(code == 0 for code in codes):
                 return
-            rank, code = next(((i + 1, c) for i, c in enumerate(codes) if c), (None, None))
-            if rank is not None:
-                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-                line = lost_a_process(len(children) + 1, f"rank {rank}, {how}", out, resume)
-                print(f"error: {line}", file=sys.stderr, flush=True)
-                for child in children:
-                    child.kill()
-                os._exit(2)  # at once, whatever the main thread is blocked in
+            failed = [(rank, code) for rank, code in enumerate(codes, start=1) if code]
+            if not failed:
+                continue
+            rank, code = failed[0]
+            if code in orderly and time.time() - first_seen.setdefault(rank, time.time()) < 30:
+                continue
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            print(f"error: {lost_a_process(len(children) + 1, f'rank {rank}, {how}', out, resume)}", file=sys.stderr,
+                  flush=True)
+            for child in children:
+                child.kill()
+            os._exit(2)  # at once, whatever the main thread is blocked in
     threading.Thread(target=watch, daemon=True, name="vimexp-ddp-watch").start()
 
 
