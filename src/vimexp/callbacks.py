@@ -141,6 +141,13 @@ class CheckpointOnSignal(L.Callback):
             except ValueError:  # not the main thread: leave the signals to whoever owns them
                 return
 
+    def on_train_start(self, trainer, pl_module):
+        # Lightning set its own SIGTERM handler after `setup`, calling ours after its own, which forwards the signal
+        # to the DDP children and broadcasts from inside the handler: a collective wherever the signal lands, which
+        # deadlocked a 2-process run (tests/test_distributed.py). Ours alone again; Lightning's teardown puts ours back.
+        if self._previous:
+            signal.signal(signal.SIGTERM, self._handle)
+
     def teardown(self, trainer, pl_module, stage):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
