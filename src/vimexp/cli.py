@@ -274,9 +274,8 @@ def check_values(cfg):
         raise VimexpError(f"data.num_workers={workers} must be 0 or more")
     erase_mode = OmegaConf.select(cfg, "data.re_mode", default=None)
     if erase_mode is not None:
-        from vimexp.data.imagefolder import ERASE_MODES
-        if erase_mode not in ERASE_MODES:
-            raise VimexpError(f"data.re_mode={erase_mode} is not an erasing mode: use one of {', '.join(ERASE_MODES)}")
+        from vimexp.data.imagefolder import check_erase_mode
+        check_erase_mode(erase_mode)
     lr = OmegaConf.select(cfg, "optimizer.lr", default=None)
     if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0):
         raise VimexpError(f"optimizer.lr={lr} must be a number, 0 or more")

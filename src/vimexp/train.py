@@ -100,8 +100,9 @@ def train(cfg) -> dict:
             check_compatible(task, check_resumable(ckpt_path)["state_dict"])
         datamodule = build_datamodule(cfg)
         saved = SaveConfig(cfg)
+        resume = resume_command(out)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-        callbacks += [BatchSeed(cfg.seed), saved, CheckpointOnSignal(resume_command(out))]
+        callbacks += [BatchSeed(cfg.seed), saved, CheckpointOnSignal(resume)]
         trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
         for logger in trainer.loggers:  # the whole run's config (W&B, hparams.yaml), not only the task's arguments
             logger.log_hyperparams(saved.config)
@@ -110,7 +111,7 @@ def train(cfg) -> dict:
         except Exception as e:
             if trainer.world_size > 1 and lost_a_peer(e):  # before the launcher's watch saw it (cli.py)
                 raise VimexpError(lost_a_process(trainer.world_size, f"seen at step {trainer.global_step}", out,
-                                                 resume_command(out))) from e
+                                                 resume)) from e
             raise
         record = run_record(cfg, task, trainer, started)
         if trainer.is_global_zero:

@@ -145,6 +145,11 @@ class ImageFolderDataModule(ShardedDataModule):
 ERASE_MODES = ("pixel", "rand", "const")  # timm's: noise per pixel, one random colour a box, zeros (data.re_mode)
 
 
+def check_erase_mode(mode: str) -> None:
+    if mode not in ERASE_MODES:
+        raise VimexpError(f"data.re_mode={mode} is not an erasing mode: use one of {', '.join(ERASE_MODES)}")
+
+
 class EraseBoxes:
     """The worker's half of random erasing (timm's RandomErasing, DeiT's re_prob / re_count): where to erase a
     (C, H, W) image, drawn from the sample's seeded RNG, and a seed for the fill, as `(image, boxes)` with boxes
@@ -175,8 +180,7 @@ class EraseBoxes:
 def erase(images: torch.Tensor, boxes: list, mode: str, generator: torch.Generator) -> None:
     """Fill each image's boxes (EraseBoxes' rows, as lists) in place with normal noise drawn from the box's own
     seed: per pixel ('pixel'), one colour a box ('rand'), or zeros ('const'). Normalised images: noise ~ N(0, 1)."""
-    if mode not in ERASE_MODES:
-        raise VimexpError(f"data.re_mode={mode!r} is not an erasing mode: use one of {', '.join(ERASE_MODES)}")
+    check_erase_mode(mode)
     channels = images.shape[1]
     for i, rows in enumerate(boxes):
         for top, left, h, w, seed in rows:
