@@ -1,4 +1,5 @@
-"""Scale-out on the CPU: DDP over two gloo processes (one of them killed, then resumed), DDP inside Hydra multiruns,
+"""Scale-out: DDP over two gloo processes on the CPU (one of them killed, then resumed; the fault tests also over NCCL
+on two GPUs), DDP inside Hydra multiruns,
 submitit's local launcher, the SLURM presets and requeue into the same run directory."""
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import submitit
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -24,6 +26,12 @@ from vimexp.build import build_trainer
 DETERMINISTIC = ["logger=csv", "trainer.accelerator=cpu", "task.mixup=0", "task.cutmix=0", "++model.drop_path_rate=0",
                  "optimizer.lr=0.05", "trainer.max_epochs=1"]
 DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+# the fault tests again over NCCL on two GPUs (make gpu-test), with deterministic kernels for the bit-for-bit resume
+ON_TWO_GPUS = ["trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=2", "model.kernel=torch",
+               "trainer.deterministic=true"]
+BACKENDS = [pytest.param(DDP2, id="gloo"),
+            pytest.param(ON_TWO_GPUS, id="nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")])]
 
 
 def _weights(run_dir: Path) -> dict:
@@ -145,12 +153,13 @@ def test_repeated_augmentation_augments_each_copy_differently_and_reproducibly(t
     assert all(torch.equal(a[1], b[1]) for a, b in zip(draws, draw(0) + draw(1)))
 
 
-def test_a_killed_rank_fails_the_run_in_one_line_and_the_same_command_resumes_it_exactly(tiny_data, tmp_path):
+@pytest.mark.parametrize("ddp", BACKENDS)
+def test_a_killed_rank_fails_the_run_in_one_line_and_the_same_command_resumes_it_exactly(ddp, tiny_data, tmp_path):
     """kill -9 on one process of a 2-process DDP run, mid-epoch after a checkpoint: the other one stops within
     seconds, not at a collective's timeout, in one line naming the resume command, with no process left behind;
     that command ends where an uninterrupted 2-process run does, bit for bit (weights, EMA, optimizer state)."""
     from test_faults import RUN, assert_same_training, start, wait_for
-    args = [*data_overrides(tiny_data), *(a for a in RUN if not a.startswith("trainer.accelerator")), *DDP2]
+    args = [*data_overrides(tiny_data), *(a for a in RUN if not a.startswith("trainer.accelerator")), *ddp]
     _train_in(tmp_path / "straight", *args, cwd=tmp_path)
     out = tmp_path / "run"
     proc = start([*args, f"hydra.run.dir={out}"], tmp_path)
@@ -200,13 +209,14 @@ def test_a_ddp_child_dies_with_the_first_process_however_it_ends(tmp_path):
         assert alive != dies, (kind, alive)
 
 
-def test_sigterm_to_a_ddp_run_stops_it_in_order_with_the_resume_command(tiny_data, tmp_path):
+@pytest.mark.parametrize("ddp", BACKENDS)
+def test_sigterm_to_a_ddp_run_stops_it_in_order_with_the_resume_command(ddp, tiny_data, tmp_path):
     """SLURM's preemption signal to every process of a 2-process run: the ranks agree on a step, write last.ckpt and
     stop with 128 + SIGTERM and the command that resumes, the first process's own line last (not the watch's line
     for a lost process)."""
     from test_faults import RUN, start, wait_for
     out = tmp_path / "run"
-    proc = start([*data_overrides(tiny_data), *(a for a in RUN if not a.startswith("trainer.accelerator")), *DDP2,
+    proc = start([*data_overrides(tiny_data), *(a for a in RUN if not a.startswith("trainer.accelerator")), *ddp,
                   f"hydra.run.dir={out}"], tmp_path)
     wait_for(out / "checkpoints" / "last.ckpt", proc)
     os.killpg(proc.pid, signal.SIGTERM)
