@@ -127,7 +127,8 @@ def test_fused_inference_agrees_with_mamba_ssm(name, img_size, batch, precision)
     assert err <= TOL[precision], err
 
 
-# (128, 197, 192): Vim-Ti's training batch, whose backward scan launches register-capped on a 132-SM GPU (one wave)
+# (128, 197, 192): Vim-Ti's training batch, whose backward scan launches register-capped on a 132-SM GPU such as
+# the H200 (one wave; backward_maxnreg in the record says whether it did)
 @pytest.mark.parametrize("shape", [(2, 6085, 192), (16, 197, 384), (4, 730, 192), (128, 197, 192)])
 def test_fused_mixer_random_weights_at_vim_shapes(shape):
     """One bimamba v2 mixer with every parameter perturbed, fused vs mamba-ssm, float32: output and all gradients."""

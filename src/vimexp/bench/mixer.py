@@ -92,8 +92,12 @@ def sweep(shape, configs, table: str, modes: tuple[str, ...], timing: dict) -> l
     rows = []
     for cfg in configs:
         try:
-            steps = dict(zip(("inference", "train"), mixer_steps(BlocksBackend(fm.with_blocks(**{table: cfg})), shape)))
+            blocks = fm.with_blocks(**{table: cfg})
+            steps = dict(zip(("inference", "train"), mixer_steps(BlocksBackend(blocks), shape)))
             times = {f"{m}_ms": median_ms(steps[m], torch.device("cuda"), **timing) for m in modes}
+            if table == "seq_bwd":  # the register cap the launch chose (SEQ_BWD's WAVE_MAXNREG)
+                launch = fm._seq_launch(shape[0], shape[1], 2 * shape[2], backward=True, blocks=blocks)[0]
+                cfg = {**cfg, "maxnreg": launch.get("maxnreg")}
             rows.append({**cfg, "ms": times[f"{modes[0]}_ms"], **times})
         except Exception as e:  # a configuration that doesn't compile (registers, shared memory) is recorded
             rows.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})

@@ -23,8 +23,8 @@ eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and t
   pre-activation recomputed).
 The GEMMs between them (x_proj, dt_proj) get dimensions padded to 16 bytes (`aligned_projections`).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
-to: docs/optimisation.md (H200, bf16, 224 px batch 128 training steps as CUDA graphs: Vim-S 2.61x and
-Vim-Ti 2.28x the mamba-ssm path; Vim-Ti inference at 1248 px 1.69x). The first training design, associative scans
+to: docs/optimisation.md (H200, bf16, 224 px batch 128 training steps as CUDA graphs: Vim-S 2.70x and
+Vim-Ti 2.49x the mamba-ssm path; Vim-Ti inference at 1248 px 1.69x). The first training design, associative scans
 over channel-major tiles, ran at 0.4x and was deleted after 603f838; docs/optimisation.md keeps its measurements.
 
 Block sizes: every launch takes a `Blocks` (`blocks=`), by default the tuned one (`tuned()`: the tables SEQ, SEQ_LONG,
@@ -334,7 +334,8 @@ def _scan_seq_bwd(U, BC, DT, Z, AT, D, DTB, DY2, HC, SC, GQ, HS, HIN, DU, DDT, D
             gp, dA_acc, dbias_acc = _adjoint_step(DU, DDT, DBC, row, d, BL, E, e, e_ok, n, N, A2, Dd, u, dt_raw,
                                                   delta, Bv, Cv, dy, gp, h_prev, dA_acc, dbias_acc)
         # The pair's first step takes its decayed state from h1 (AFTER) rather than h0, so h0 is dead once h1 is
-        # formed: a tile fewer live through the pair, 2% faster a Vim-Ti training step (H200).
+        # formed: a tile fewer live through the pair, fewer spills under the register cap (WAVE_MAXNREG below):
+        # 2.5% faster a capped Vim-Ti training step, the same uncapped (H200).
         for j in tl.range(0, steps // 2, num_stages=1):  # 1: 1.7% faster than 2, 13% than 3 (H200)
             p = steps // 2 - 1 - j
             row0 = first + sgn * 2 * p
@@ -371,10 +372,11 @@ SEQ = dict(BD=64, CL=256, num_warps=1)  # sequences of one chunk
 # and 1248 px (6,085), 1,536 programs ran one pass 1.25x faster than two, 768 ran it 1.36x slower (H200 sweep).
 SEQ_LONG = dict(BD=32, CL=256, num_warps=1, ONE_PASS=1024)
 SEQ_BWD = dict(BD=64, num_warps=1, WAVE_MAXNREG=168)  # _scan_seq_bwd (chunks as the forward's): 64 channels on one
-# warp ran 8-33% faster than 32 (H200 sweeps). It uses all 255 registers, 8 programs an SM. Where its grid needs two
-# waves of those but fits one at WAVE_MAXNREG (12 an SM), it launches capped there: its spills cost less than a
-# second, part-empty wave. Vim-Ti at batch 128 (1,536 programs, 132 SMs): +3.2% a graphed training step; capping
-# Vim-S's grid (3 waves -> 2) made it 9% slower (H200).
+# warp ran 8-33% faster than 32 (H200 sweeps). It uses all 255 registers, 8 programs an SM. Where its grid needs more
+# than one wave of those but fits one at WAVE_MAXNREG (12 an SM), it launches capped there (an explicit maxnreg
+# wins): its spills cost less than a second, part-empty wave. Vim-Ti at batch 128 (1,536 programs, 132 SMs): +2.8%
+# a graphed training step alone, +6.1% with the AFTER walk; capping Vim-S's grid (3 waves -> 2) made it 9% slower
+# (H200). Not measured under DDP, where NCCL's kernels beside the backward take SMs and can undo the one wave.
 CONV_BLOCK = dict(BE=128, BT=16)  # _conv_fwd, _conv_bwd_dx: channels and tokens a program; 128 x 16 ran the graphed
 # training steps 1.7% (Vim-Ti) and 2.0% (Vim-S) faster than 32 x 64 (H200, one call)
 CONV_DPRE = dict(BE=32, BT=16, SEG=256, num_warps=4)  # _conv_bwd_dpre: SEG tokens a program, in tiles of BT
@@ -422,8 +424,8 @@ def _seq_launch(batch, length, e, backward=False, blocks: Blocks | None = None):
     if backward:
         cfg = dict(blocks.seq_bwd)
         cap = cfg.pop("WAVE_MAXNREG", None)
-        if cap and _fits_one_wave_only_capped(triton.cdiv(e, cfg["BD"]) * batch * triton.cdiv(length, cl) * 2,
-                                              cfg["num_warps"], cap):
+        programs = triton.cdiv(e, cfg["BD"]) * batch * triton.cdiv(length, cl) * 2
+        if cap and "maxnreg" not in cfg and _fits_one_wave_only_capped(programs, cfg["num_warps"], cap):
             cfg["maxnreg"] = cap
     nc = triton.cdiv(length, cl)
     return cfg, cl, nc, (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
@@ -431,7 +433,7 @@ def _seq_launch(batch, length, e, backward=False, blocks: Blocks | None = None):
 
 def _fits_one_wave_only_capped(programs: int, warps: int, cap: int) -> bool:
     """Whether `programs` of `warps` warps each fit the GPU at once with `cap` registers a thread but not with 255."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or torch.version.hip:  # (ROCm's Triton has no maxnreg)
         return False
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     resident = lambda regs: sms * (65536 // (regs * 32 * warps))  # noqa: E731 (a register file of 64K an SM)
@@ -538,7 +540,8 @@ def _backward_impl(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: torc
     d_x_proj_w = torch.bmm(dx_dbl.transpose(1, 2), xc)
     d_x_proj_w = torch.cat([d_x_proj_w[:, :r0], d_x_proj_w[:, r:]], dim=1)  # the padding rows dropped
     dxc = torch.baddbmm(du, dx_dbl, wx)
-    dpre = torch.empty(2, bl, e, device=xz.device, dtype=dtype)  # dx is rounded to dtype in the end anyway
+    dpre = torch.empty(2, bl, e, device=xz.device, dtype=dtype)  # feeds dx (in dtype) alone: dW and the bias
+    # gradient come from the float32 value in _conv_bwd_dpre's registers
     dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
     dxz = torch.empty_like(xz)
     conv, dpre_cfg = blk.conv, blk.conv_dpre
