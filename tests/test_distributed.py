@@ -109,7 +109,8 @@ def test_slurm_preset_ties_lightning_to_the_submitit_resources(monkeypatch, tmp_
                        "hydra.launcher.partition=gpu"], tmp_path)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and cfg.hydra.mode.name == "MULTIRUN"
-    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (8, 2, "ddp")
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (8, 2)
+    assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
     assert cfg.data.batch_size == 1024  # global: 64 per process on 16 GPUs, the lr unchanged
     # the sbatch script submitit writes from these parameters (the key mapping of hydra-submitit-launcher's launch())
     params = {k: v for k, v in OmegaConf.to_container(launcher, resolve=False).items()
@@ -182,6 +183,36 @@ def test_a_killed_rank_fails_the_run_in_one_line_and_the_same_command_resumes_it
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     assert_same_training(tmp_path / "straight", out)
+
+
+def test_a_rank_that_stops_answering_fails_the_run_after_the_collective_timeout(tiny_data, tmp_path):
+    """A process of a 2-process run frozen mid-epoch (SIGSTOP, as a hung node would be): the other fails the run once
+    a collective has waited trainer.strategy.timeout for it (15 s here, not torch's 30 min), in one line naming the
+    resume command, and the frozen one goes with it."""
+    from test_faults import RUN, start, wait_for
+    out = tmp_path / "run"
+    proc = start([*data_overrides(tiny_data), *(a for a in RUN if not a.startswith("trainer.accelerator")), *DDP2,
+                  "trainer.strategy.timeout.minutes=0.25", "trainer.max_epochs=50", f"hydra.run.dir={out}"], tmp_path)
+    wait_for(out / "checkpoints" / "last.ckpt", proc)
+    rank1 = next(int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                 if b"LOCAL_RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
+    frozen = time.time()
+    os.kill(rank1, signal.SIGSTOP)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert 15 <= time.time() - frozen < 90
+    assert proc.returncode == 2, stderr[-3000:]
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith("error: another process of this 2-process run stopped answering (a collective waited "
+                              "0:00:15"), message
+    assert f"{out}/checkpoints/last.ckpt holds its last checkpoint; resume with: " in message
+    deadline = time.time() + 20
+    while Path(f"/proc/{rank1}").exists() and Path(f"/proc/{rank1}/stat").read_text().split()[2] != "Z":
+        assert time.time() < deadline, "the frozen process outlived the run"
+        time.sleep(0.5)
 
 
 def test_a_ddp_child_dies_with_the_first_process_however_it_ends(tmp_path):

@@ -152,6 +152,8 @@ def build_trainer(cfg, callbacks=(), loggers=()) -> L.Trainer:
         plugins.append(SLURMEnvironment(auto_requeue=False))
     options = {"enable_model_summary": False,  # its 15-line table; the parameter count is in results.json
                **OmegaConf.to_container(cfg.trainer, resolve=True)}
+    if isinstance(options["strategy"], dict):  # a configured one (trainer=ddp: its collective timeout)
+        options["strategy"] = instantiate(cfg.trainer.strategy)
     trainer = L.Trainer(**options, callbacks=list(callbacks), logger=list(loggers) or False, plugins=plugins,
                         default_root_dir=cfg.paths.output_dir,
                         use_distributed_sampler=False)  # the datamodule shards its loaders itself

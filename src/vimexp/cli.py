@@ -149,10 +149,11 @@ def resume_command(out: Path) -> str:
 
 
 def lost_a_process(world: int, what: str, out: Path, resume: str) -> str:
-    """The one line for a DDP run one of whose processes ended: what happened, what was kept, how to resume."""
+    """The one line for a DDP run one of whose processes ended or stopped answering (`what`, e.g. "ended (rank 1,
+    killed by SIGKILL)"): what happened, what was kept, how to resume."""
     last = out / "checkpoints" / "last.ckpt"
     kept = f"{last} holds its last checkpoint" if last.is_file() else "no checkpoint was written yet"
-    return f"another process of this {world}-process run ended ({what}); {kept}; resume with: {resume}"
+    return f"another process of this {world}-process run {what}; {kept}; resume with: {resume}"
 
 
 def watch_ddp_children(children: list) -> None:
@@ -182,8 +183,8 @@ def watch_ddp_children(children: list) -> None:
             if code in orderly and time.time() - first_seen.setdefault(rank, time.time()) < 30:
                 continue
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            print(f"error: {lost_a_process(len(children) + 1, f'rank {rank}, {how}', out, resume)}", file=sys.stderr,
-                  flush=True)
+            line = lost_a_process(len(children) + 1, f"ended (rank {rank}, {how})", out, resume)
+            print(f"error: {line}", file=sys.stderr, flush=True)
             for child in children:
                 child.kill()
             os._exit(2)  # at once, whatever the main thread is blocked in

@@ -78,11 +78,18 @@ def run_directory_lock(out: Path):
         lock.release()
 
 
-def lost_a_peer(e: Exception) -> bool:
-    """A collective failed because another process of the run is gone: NCCL's error, or gloo's closed socket."""
+def lost_a_peer(e: Exception, step: int, timeout) -> str | None:
+    """How another process of the run failed this one's collective, if that is what `e` says: it stopped answering
+    (the collective timed out: gloo's message, or NCCL's watchdog) or it is gone (NCCL's error, gloo's closed
+    socket)."""
     import torch.distributed as dist
-    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("Connection reset by peer",
-                                                                        "Connection closed by peer"))
+    if "Timed out waiting" in str(e) or "collective operation timeout" in str(e):
+        return (f"stopped answering (a collective waited {timeout} for it at step {step}; "
+                "trainer.strategy.timeout.minutes sets how long)")
+    if isinstance(e, dist.DistError) or any(s in str(e) for s in ("Connection reset by peer",
+                                                                  "Connection closed by peer")):
+        return f"ended (seen at step {step})"
+    return None
 
 
 def train(cfg) -> dict:
@@ -109,9 +116,10 @@ def train(cfg) -> dict:
         try:
             trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         except Exception as e:
-            if trainer.world_size > 1 and lost_a_peer(e):  # before the launcher's watch saw it (cli.py)
-                raise VimexpError(lost_a_process(trainer.world_size, f"seen at step {trainer.global_step}", out,
-                                                 resume)) from e
+            timeout = getattr(trainer.strategy, "_timeout", None)
+            lost = trainer.world_size > 1 and lost_a_peer(e, trainer.global_step, timeout)
+            if lost:  # before the launcher's watch saw it (cli.py)
+                raise VimexpError(lost_a_process(trainer.world_size, lost, out, resume)) from e
             raise
         record = run_record(cfg, task, trainer, started)
         if trainer.is_global_zero:
