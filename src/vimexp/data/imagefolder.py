@@ -2,7 +2,8 @@
 
 Batches travel as uint8 and are normalised, and randomly erased, on the device after the transfer, as timm's own
 training script does (its prefetcher): a quarter of a float batch's bytes through the workers' shared memory, the
-pinned copy and the bus, and a fifth more images a second from the same workers (docs/optimisation.md, step 33).
+pinned copy and the bus. A worker gave a fifth more images a second on a 2-core machine, and the same within the
+spread on an H200 host's 14, where decoding and RandAugment are the cost (docs/optimisation.md, steps 33 and 37).
 """
 import math
 import random

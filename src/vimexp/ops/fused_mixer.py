@@ -32,6 +32,7 @@ SEQ_BWD, CONV_BLOCK, CONV_DPRE). A sweep passes its own (`with_blocks(seq_bwd=di
 `python -m vimexp.bench bench=mixer bench.sweep=true` does) instead of writing into the tuned tables.
 """
 import json
+import math
 from typing import NamedTuple
 
 import torch
@@ -423,12 +424,12 @@ def _seq_launch(batch, length, e, backward=False, blocks: Blocks | None = None):
         cl = length  # one pass: the batch fills the GPU without chunks
     if backward:
         cfg = dict(blocks.seq_bwd)
-        cap = cfg.pop("WAVE_MAXNREG", None)
-        programs = triton.cdiv(e, cfg["BD"]) * batch * triton.cdiv(length, cl) * 2
-        if cap and "maxnreg" not in cfg and _fits_one_wave_only_capped(programs, cfg["num_warps"], cap):
-            cfg["maxnreg"] = cap
+    cap = cfg.pop("WAVE_MAXNREG", None)
     nc = triton.cdiv(length, cl)
-    return cfg, cl, nc, (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
+    grid = (triton.cdiv(e, cfg["BD"]), batch * nc, 2)
+    if cap and "maxnreg" not in cfg and _fits_one_wave_only_capped(math.prod(grid), cfg["num_warps"], cap):
+        cfg["maxnreg"] = cap
+    return cfg, cl, nc, grid
 
 
 def _fits_one_wave_only_capped(programs: int, warps: int, cap: int) -> bool:
