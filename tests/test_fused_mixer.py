@@ -191,12 +191,14 @@ def test_no_second_derivative_through_hand_written_gradients(small_blocks):
 
 
 # ------------------------------------------------------------------- the Triton add + RMSNorm, the ops, the model
-@pytest.mark.parametrize("residual, prenorm, residual_in_fp32, shape", [
-    (True, True, True, (2, 7, 24)), (False, True, True, (2, 7, 24)), (True, False, True, (2, 7, 24)),
-    (False, False, False, (2, 7, 24)),
-    (True, True, True, (2, 37, 1000))])  # 4 programs of 19 rows, 2 a step (the last step half-empty), cols masked
-def test_rms_norm_matches_float64_reference(residual, prenorm, residual_in_fp32, shape, monkeypatch):
-    """vimexp::rms_norm (float32 kernels) against the PyTorch norm in float64: outputs and every gradient."""
+@pytest.mark.parametrize("residual, prenorm, residual_in_fp32, shape, scale", [
+    (True, True, True, (2, 7, 24), False), (False, True, True, (2, 7, 24), False),
+    (True, False, True, (2, 7, 24), False), (False, False, False, (2, 7, 24), False),
+    (True, True, True, (3, 7, 24), True), (False, False, False, (3, 7, 24), True),
+    (True, True, True, (2, 37, 1000), True)])  # 4 programs of 19 rows, 2 a step (the last half-empty), cols masked
+def test_rms_norm_matches_float64_reference(residual, prenorm, residual_in_fp32, shape, scale, monkeypatch):
+    """vimexp::rms_norm (float32 kernels) against the PyTorch norm in float64: outputs and every gradient, with
+    and without drop path's factors a sample (one of them 0)."""
     from vimexp.ops import fused_norm
     from vimexp.ops.fused_norm import rms_norm_triton
     from vimexp.ops.norm import rms_norm_torch
@@ -205,12 +207,14 @@ def test_rms_norm_matches_float64_reference(residual, prenorm, residual_in_fp32,
     x, r = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
     w = 1 + 0.1 * torch.randn(shape[-1], dtype=torch.float64)
     grads = torch.randn(2, *shape, dtype=torch.float64)
+    x_scale = torch.tensor([0.0, 1.25, 1.25][:shape[0]], dtype=torch.float64) if scale else None
     results = {}
     for name, norm, dtype in (("triton", rms_norm_triton, torch.float32), ("ref", rms_norm_torch, torch.float64)):
         device = DEVICE if name == "triton" else "cpu"
         inputs = [t.to(device, dtype).requires_grad_() for t in (x, r if residual else None, w) if t is not None]
         xi, ri, wi = inputs if residual else (inputs[0], None, inputs[1])
-        outs = norm(xi, wi, residual=ri, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
+        outs = norm(xi, wi, residual=ri, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
+                    x_scale=None if x_scale is None else x_scale.to(device, dtype))
         outs = outs if prenorm else (outs,)
         sum((o * g.to(o)).sum() for o, g in zip(outs, grads)).backward()
         results[name] = [o.detach() for o in outs] + [t.grad for t in inputs]
@@ -223,8 +227,9 @@ def test_custom_ops_pass_torch_opcheck(small_blocks):
     """Schema, fake (meta) implementation, autograd registration and torch.compile tracing of the fused ops."""
     from vimexp.ops.fused_norm import _rms_norm
     x, w = torch.randn(5, 16, device=DEVICE, requires_grad=True), torch.randn(16, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(_rms_norm, (x, None, w, 1e-5, True))
-    torch.library.opcheck(_rms_norm, (x, torch.randn(5, 16, device=DEVICE), w, 1e-5, True))
+    torch.library.opcheck(_rms_norm, (x, None, None, w, 1e-5, True))
+    torch.library.opcheck(_rms_norm, (x, torch.rand(5, device=DEVICE), torch.randn(5, 16, device=DEVICE), w, 1e-5,
+                                      True))
     _, fused = _mixers(d_model=4)
     m, batch, length = fused, 2, 7
     e = m.in_proj.out_features // 2
@@ -238,10 +243,10 @@ def test_custom_ops_pass_torch_opcheck(small_blocks):
                                                                         "test_autograd_registration"))
 
 
-def _model_pair(**kwargs):
+def _model_pair(depth=2, **kwargs):
     torch.manual_seed(0)
-    ref = create_model("vim_nano", kernel="torch", depth=2, embed_dim=16, **kwargs).double().eval()
-    model = create_model("vim_nano", kernel=KernelBackend("fused"), depth=2, embed_dim=16, **kwargs).to(DEVICE)
+    ref = create_model("vim_nano", kernel="torch", depth=depth, embed_dim=16, **kwargs).double().eval()
+    model = create_model("vim_nano", kernel=KernelBackend("fused"), depth=depth, embed_dim=16, **kwargs).to(DEVICE)
     model.load_state_dict(ref.state_dict())
     return ref, model.eval()
 
@@ -256,6 +261,38 @@ def test_whole_model_on_the_fused_path_matches_float64():
     errors = {"logits": rel(out, ref(x).detach()),
               **{n: rel(q.grad, p.grad) for (n, p), q in zip(ref.named_parameters(), model.parameters())}}
     assert max(errors.values()) < TOL, errors
+
+
+def test_drop_path_in_the_norm_draws_and_applies_timms_drop_path():
+    """Training with drop path: the fused model (its norms apply the factors) against the PyTorch model whose blocks
+    call timm's drop_path on the hidden states before the norm, from the same seed: same logits, same gradients."""
+    from timm.layers import drop_path
+
+    from vimexp.models import vim
+    ref, model = _model_pair(depth=4, drop_path_rate=0.6)
+    ref.train(), model.train()
+    scale_calls = []
+
+    def timm_scale(x, module):  # the reference: timm's own function, by what it does to a tensor of ones
+        if not isinstance(module, vim.DropPath) or not module.training or module.drop_prob == 0:
+            return None
+        scale_calls.append(module.drop_prob)
+        return drop_path(torch.ones_like(x), module.drop_prob, True, module.scale_by_keep)[:, 0, 0]
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    results = {}
+    for name, net, patch in (("fused", model, False), ("timm", ref, True)):
+        with pytest.MonkeyPatch.context() as mp:
+            if patch:
+                mp.setattr(vim, "drop_path_scale", timm_scale)
+            torch.manual_seed(5)
+            out = net(x.to(DEVICE, next(net.parameters()).dtype))
+        out.square().sum().backward()
+        results[name] = [out] + [p.grad for p in net.parameters()]
+    assert scale_calls == pytest.approx([0.2, 0.4, 0.6])  # blocks 2 and 3 (0 and 1 drop at 0), then the final norm
+    errors = [rel(a, b.detach()) for a, b in zip(results["fused"], results["timm"])]
+    assert max(errors) < TOL, errors
+    torch.manual_seed(5)
+    assert not torch.equal(model(x.float().to(DEVICE)), out.float()), "the draws differ from step to step"
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and cuda_unavailable_reason() is None,

@@ -103,9 +103,11 @@ def max_rel(ours, ref) -> float:
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, ref))
 
 
-def rms_norm_f64(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+def rms_norm_f64(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False,
+                 x_scale=None):
     """The torch path's add + RMSNorm without its float32 casts (the official kernels' precision), so that a float64
     model stays float64 and differences far below float32 resolution show."""
+    x = x if x_scale is None else x * x_scale.view(-1, *(1,) * (x.dim() - 1))
     s = x if residual is None else x + residual
     out = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps) * weight
     return (out, s) if prenorm else out

@@ -74,11 +74,11 @@ def scan_kernel_alone(shape, timing: dict, blocks: fm.Blocks | None = None) -> d
     bf = dict(device="cuda", dtype=torch.bfloat16)
     xc, dt, xz = torch.randn(2, bl, e, **bf), torch.randn(2, bl, e, **bf) - 4, torch.randn(bl, 2 * e, **bf)
     bc = torch.randn(2, bl, 2 * n, device="cuda")
-    A = -torch.rand(2, e, n, device="cuda") * 15 - 1
+    at = -torch.rand(2, n, e, device="cuda") * 15 - 1  # A transposed, as the scans read it
     D, bias = torch.randn(2, e, device="cuda"), torch.randn(2, e, device="cuda")
 
     def scan():
-        fm.scan_seq(xc, bc, dt, xz[:, e:], A, D, bias, batch, blocks)
+        fm.scan_seq(xc, bc, dt, xz[:, e:], at, D, bias, batch, blocks)
     ms = median_ms(scan, torch.device("cuda"), **timing)
     nbytes = 2 * bl * (4 * e + 4 * n + 2 * e)
     updates = 2 * batch * length * e * n

@@ -109,11 +109,11 @@ class VimMixer(nn.Module):
     def _forward_fused(self, hidden):
         """bimamba v2 through the backend's Triton kernels: no flips, one scan kernel."""
         batch, seqlen, dim = hidden.shape
-        pair = lambda fwd, bwd: torch.stack([fwd, bwd])  # noqa: E731  per-direction parameters, stacked
-        args = (pair(self.conv1d.weight.squeeze(1), self.conv1d_b.weight.squeeze(1)),
-                pair(self.conv1d.bias, self.conv1d_b.bias), pair(self.x_proj.weight, self.x_proj_b.weight),
-                pair(self.dt_proj.weight, self.dt_proj_b.weight), -torch.exp(pair(self.A_log, self.A_b_log).float()),
-                pair(self.D, self.D_b).float(), pair(self.dt_proj.bias, self.dt_proj_b.bias).float())
+        conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias = _stacked_pairs(
+            (self.conv1d.weight.squeeze(1), self.conv1d_b.weight.squeeze(1)), (self.conv1d.bias, self.conv1d_b.bias),
+            (self.x_proj.weight, self.x_proj_b.weight), (self.dt_proj.weight, self.dt_proj_b.weight),
+            (self.A_log, self.A_b_log), (self.D, self.D_b), (self.dt_proj.bias, self.dt_proj_b.bias))
+        args = (conv_w, conv_b, x_proj_w, dt_proj_w, -torch.exp(A_log.float()), D.float(), dt_bias.float())
         weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
         if torch.is_autocast_enabled(hidden.device.type):
             hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
@@ -146,6 +146,24 @@ class VimMixer(nn.Module):
         return F.linear(out.transpose(1, 2), self.out_proj.weight)
 
 
+def drop_path_scale(x, drop_path: nn.Module) -> torch.Tensor | None:
+    """The factor a sample that timm's DropPath module would multiply x by (its draws, in x's dtype), or None where
+    it is off: the norm after it applies the factors, so that the multiply costs no pass of its own."""
+    if not isinstance(drop_path, DropPath) or not drop_path.training or drop_path.drop_prob == 0:
+        return None
+    keep = 1 - drop_path.drop_prob
+    scale = x.new_empty(x.shape[0]).bernoulli_(keep)
+    return scale.div_(keep) if keep > 0 and drop_path.scale_by_keep else scale
+
+
+def _stacked_pairs(*pairs):
+    """Each (forward, backward) pair of parameters stacked, (2, *shape), as views of one concatenation: one kernel
+    a mixer, not one a pair (each a few microseconds of a CUDA-graphed step)."""
+    flat = torch.cat([t.reshape(-1) for pair in pairs for t in pair])
+    sizes = [2 * first.numel() for first, _ in pairs]
+    return [part.view(2, *first.shape) for part, (first, _) in zip(flat.split(sizes), pairs)]
+
+
 class RMSNorm(nn.Module):
     """Weight-only RMSNorm; the computation (with the fused residual add) lives in vimexp.ops."""
 
@@ -165,9 +183,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden, residual=None):
-        hidden, residual = self.mixer.backend.ops.rms_norm(self.drop_path(hidden) if residual is not None else hidden,
-                                        self.norm.weight, None, residual=residual, eps=self.norm.eps,
-                                        prenorm=True, residual_in_fp32=True)
+        hidden, residual = self.mixer.backend.ops.rms_norm(
+            hidden, self.norm.weight, None, residual=residual, eps=self.norm.eps, prenorm=True, residual_in_fp32=True,
+            x_scale=drop_path_scale(hidden, self.drop_path) if residual is not None else None)
         return self.mixer(hidden), residual
 
 
@@ -374,8 +392,9 @@ class VisionMamba(nn.Module):
             if feature == "hidden":  # before the next layer's RoPE, as the official code collects it
                 taken.update({k: hidden.flip(1) if flip else hidden for k in done if k in out_indices})
         taken.update({k: self._state(hidden, residual, flip) for k in done if k in states})
-        x = self.backend.ops.rms_norm(self.drop_path(hidden), self.norm_f.weight, None, residual=residual, eps=self.norm_f.eps,
-                         prenorm=False, residual_in_fp32=True)
+        x = self.backend.ops.rms_norm(hidden, self.norm_f.weight, None, residual=residual, eps=self.norm_f.eps,
+                                      prenorm=False, residual_in_fp32=True,
+                                      x_scale=drop_path_scale(hidden, self.drop_path))
         return (x.flip(1) if flip else x), taken
 
     def _rotate(self, hidden, residual, flip):

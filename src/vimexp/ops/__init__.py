@@ -142,13 +142,19 @@ def _cuda_ops() -> SimpleNamespace:
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
 
     from vimexp.ops.mixer_branch import mixer_branch
+    from vimexp.ops.norm import scaled
 
     def causal_conv1d_cuda(x, weight, bias=None, activation=None):
         # the kernel wants weight and bias in the activation dtype (bf16 under autocast)
         return causal_conv1d_fn(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
                                 activation=activation)
 
-    return SimpleNamespace(selective_scan=selective_scan_fn, causal_conv1d=causal_conv1d_cuda, rms_norm=rms_norm_fn,
+    def rms_norm_cuda(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False,
+                      x_scale=None):
+        return rms_norm_fn(scaled(x, x_scale), weight, bias, residual=residual, eps=eps, prenorm=prenorm,
+                           residual_in_fp32=residual_in_fp32)
+
+    return SimpleNamespace(selective_scan=selective_scan_fn, causal_conv1d=causal_conv1d_cuda, rms_norm=rms_norm_cuda,
                            mixer_branch=mixer_branch)
 
 

@@ -5,7 +5,9 @@ autograd formula). Called eagerly, though, a custom op costs about 0.5 ms of hos
 (H200 host, torch 2.11): the 98 calls of a fused Vim-Ti training step at batch 128 (24 mixers and 25 norms, forward
 and backward) made the step wait on the host. `eager_fast` runs the op's implementation through a plain
 autograd.Function with the op's own setup_context and backward instead, and the op itself only while compiling or
-exporting: the same kernels and formulas either way.
+exporting: the same kernels and formulas either way. Its backward is handed None, not zeros, for an output that
+got no gradient (the ops' backwards take None): the mixer's eight outputs kept for its backward had cost eight
+fills a layer.
 """
 import torch
 
@@ -24,6 +26,7 @@ def eager_fast(op, impl, setup_context, backward, differentiable: int):
             ctx.eager = True
             setup_context(ctx, inputs, output)
             ctx.mark_non_differentiable(*output[differentiable:])
+            ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs kept for the backward
 
         @staticmethod
         @torch.autograd.function.once_differentiable  # hand-written gradients: a second derivative raises

@@ -21,7 +21,7 @@ eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and t
   first pass of chunk aggregates);
 - `_conv_bwd_dpre` / `_conv_bwd_dx`: the conv's backward (its output is kept from the forward, its
   pre-activation recomputed).
-The GEMMs between them (x_proj, dt_proj) get dimensions padded to 16 bytes (`aligned_projections`).
+The GEMMs between them (x_proj, dt_proj) get dimensions padded to 16 bytes (`pack_params`).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
 to: docs/optimisation.md (H200, bf16, 224 px batch 128 training steps as CUDA graphs: Vim-S 2.70x and
 Vim-Ti 2.49x the mamba-ssm path; Vim-Ti inference at 1248 px 1.69x). The first training design, associative scans
@@ -134,8 +134,10 @@ def _conv_bwd_dpre(X, W, CB, DXC, DPRE, DW, DCB, L, SE, ST, OD, OE, OT, E, K: tl
 
 
 @triton.jit
-def _conv_bwd_dx(W, DPRE, DX, L, OD, OE, OT, SE, ST, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
-    """dx at DX + e*SE + token*ST from both convs' d(pre) (strides OD, OE, OT)."""
+def _conv_bwd_dx(W, DPRE, DZ, DX, L, OD, OE, OT, SE, ST, E, K: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
+    """dx at DX + e*SE + token*ST from both convs' d(pre) (strides OD, OE, OT), and dz at DX + E*SE + ...: the sum
+    of both directions' DZ (strides as d(pre)'s). Summed here, not by torch.add into the strided half of dxz, which
+    ran an unvectorised 30 us kernel a Vim-Ti layer (H200)."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     b = tl.program_id(1)
     e = tl.program_id(2) * BE + tl.arange(0, BE)
@@ -147,7 +149,11 @@ def _conv_bwd_dx(W, DPRE, DX, L, OD, OE, OT, SE, ST, E, K: tl.constexpr, BE: tl.
             ok = e_ok[:, None] & ((dst >= 0) & (dst < L))[None, :]
             dp = tl.load(DPRE + d * OD + e[:, None] * OE + (b * L + dst[None, :]) * OT, mask=ok, other=0.0)
             acc += tl.load(W + (d * E + e) * K + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * dp
-    tl.store(DX + e[:, None] * SE + (b * L + t[None, :]) * ST, acc, mask=e_ok[:, None] & (t < L)[None, :])
+    ok = e_ok[:, None] & (t < L)[None, :]
+    tl.store(DX + e[:, None] * SE + (b * L + t[None, :]) * ST, acc, mask=ok)
+    dz = DZ + e[:, None] * OE + (b * L + t[None, :]) * OT
+    dz = tl.load(dz, mask=ok, other=0.0).to(tl.float32) + tl.load(dz + OD, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DX + (E + e[:, None]) * SE + (b * L + t[None, :]) * ST, dz, mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------------- scan
@@ -448,29 +454,62 @@ def aligned(n: int) -> int:
     return -(-n // 8) * 8
 
 
-def aligned_projections(x_proj_w, dt_proj_w, dtype):
-    """x_proj (2, R + 2N, E) and dt_proj (2, E, R) in `dtype` with R padded to R' = aligned(R) by zero rows / columns,
-    so every GEMM around the scan is 16-byte aligned (2N is). Vim-Ti's R + 2N = 44 had put them on a slow unaligned
-    kernel: 21% of its mixer's training time (H200), where Vim-S's 56 was aligned already."""
-    r = dt_proj_w.shape[-1]
-    pad = aligned(r) - r
-    wx = x_proj_w.to(dtype)
-    if pad:
-        wx = torch.cat([F.pad(wx[:, :r], (0, 0, 0, pad)), wx[:, r:]], dim=1)
-    return wx, F.pad(dt_proj_w.to(dtype), (0, pad))
+@triton.jit
+def _pack_params(XP, DTP, A, WX, WDT, AT, R, RP, N2, E, NS, C1, C2, BLOCK: tl.constexpr):
+    """One launch for what the GEMMs and scans take of the parameters: WX (2, RP + N2, E) = x_proj (2, R + N2, E)
+    with zero rows from R to RP; WDT (2, E, RP) = dt_proj (2, E, R) with zero columns from R; both in WX's dtype; AT
+    (2, NS, E) = A (2, E, NS) transposed. Programs [0, C1) write WX, [C1, C1 + C2) WDT, the rest AT."""
+    pid = tl.program_id(0)
+    if pid < C1:
+        i = pid * BLOCK + tl.arange(0, BLOCK)
+        rows = RP + N2
+        ok = i < 2 * rows * E
+        row = (i // E) % rows
+        src = (i // (rows * E) * (R + N2) + tl.where(row < R, row, row - (RP - R))) * E + i % E
+        tl.store(WX + i, tl.load(XP + src, mask=ok & ((row < R) | (row >= RP)), other=0.0), mask=ok)
+    elif pid < C1 + C2:
+        i = (pid - C1) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < 2 * E * RP
+        j = i % RP
+        tl.store(WDT + i, tl.load(DTP + i // RP * R + j, mask=ok & (j < R), other=0.0), mask=ok)
+    else:
+        i = (pid - C1 - C2) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < 2 * NS * E
+        src = (i // (NS * E) * E + i % E) * NS + (i // E) % NS
+        tl.store(AT + i, tl.load(A + src, mask=ok, other=0.0), mask=ok)
 
 
-def scan_seq(xc, bc, dt, z, A, D, dt_bias, batch, blocks: Blocks | None = None):
+PACK_BLOCK = 1024
+
+
+def pack_params(x_proj_w, dt_proj_w, A, dtype):
+    """(wx, wdt, at): x_proj (2, R + 2N, E) and dt_proj (2, E, R) in `dtype` with R padded to R' = aligned(R) by
+    zero rows / columns, so every GEMM around the scan is 16-byte aligned (2N is), and A (2, E, N) as the scans read
+    it, (2, N, E). Vim-Ti's R + 2N = 44 had put the GEMMs on a slow unaligned kernel: 21% of its mixer's training
+    time (H200), where Vim-S's 56 was aligned already. One launch: torch's casts, pads, concatenation and transpose
+    were eight small kernels a mixer."""
+    (_, e, r), n2, ns = dt_proj_w.shape, x_proj_w.shape[1] - dt_proj_w.shape[-1], A.shape[-1]
+    rp = aligned(r)
+    wx = torch.empty(2, rp + n2, e, device=A.device, dtype=dtype)
+    wdt = torch.empty(2, e, rp, device=A.device, dtype=dtype)
+    at = torch.empty(2, ns, e, device=A.device, dtype=A.dtype)
+    c1, c2, c3 = (triton.cdiv(t.numel(), PACK_BLOCK) for t in (wx, wdt, at))
+    _pack_params[(c1 + c2 + c3,)](x_proj_w.contiguous(), dt_proj_w.contiguous(), A.contiguous(), wx, wdt, at, r, rp,
+                                  n2, e, ns, c1, c2, BLOCK=PACK_BLOCK)
+    return wx, wdt, at
+
+
+def scan_seq(xc, bc, dt, z, at, D, dt_bias, batch, blocks: Blocks | None = None):
     """Both passes of _scan_seq over channel-last inputs: xc and dt (2, batch*L, E), B and C side by side in float32
-    bc (2, batch*L, 2N), z a (batch*L, E) view with row stride 2E. Returns y2 (batch*L, 2E), SiLU(z) y_d of both
-    directions side by side, and the chunk end states and summed deltas the backward starts from."""
-    bl, e, n = xc.shape[1], xc.shape[2], A.shape[-1]
+    bc (2, batch*L, 2N), z a (batch*L, E) view with row stride 2E, A transposed (2, N, E). Returns y2 (batch*L, 2E),
+    SiLU(z) y_d of both directions side by side, and the chunk end states and summed deltas the backward starts
+    from."""
+    bl, e, n = xc.shape[1], xc.shape[2], at.shape[1]
     length = bl // batch
     cfg, cl, nc, grid = _seq_launch(batch, length, e, blocks=blocks)
     y2 = torch.empty(bl, 2 * e, device=xc.device, dtype=xc.dtype)
     hc = torch.empty(2, batch, nc, n, e, device=xc.device, dtype=torch.float32)
     sc = torch.empty(2, batch, nc, e, device=xc.device, dtype=torch.float32)
-    at = A.transpose(1, 2).contiguous()
     for p in (0, 1) if nc > 1 else (1,):
         _scan_seq[grid](xc, bc, dt, z, at, D, dt_bias, y2, hc, sc, length, batch, e, nc, cl, n, PASS=p, **cfg)
     return y2, hc, sc
@@ -482,22 +521,23 @@ def _blocks(blocks: str) -> Blocks:
 
 
 def _forward_impl(xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor, x_proj_w: torch.Tensor,
-                   dt_proj_w: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, blocks: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  dt_proj_w: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, blocks: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor, torch.Tensor]:
     """xz (batch*L, 2E) -> y2 (batch*L, 2E), SiLU(z) y_d of both directions side by side, channel-last; then what
-    the backward starts from: the convs' outputs xc, x_dbl, float32 B and C, the chunk end states and summed deltas.
-    xc is kept rather than recomputed: 2.2 of a Vim-S training step's 92 ms of kernels for 1.9 GB (bf16, batch 128,
-    H200)."""
+    the backward starts from: the convs' outputs xc, x_dbl, float32 B and C, the chunk end states and summed deltas,
+    and the packed parameters (pack_params). xc is kept rather than recomputed: 2.2 of a Vim-S training step's 92 ms
+    of kernels for 1.9 GB (bf16, batch 128, H200)."""
     blk = _blocks(blocks)
     e = xz.shape[1] // 2
     xc = conv_forward(xz, conv_w, conv_b, batch, blk)
-    wx, wdt = aligned_projections(x_proj_w, dt_proj_w, xz.dtype)
+    wx, wdt, at = pack_params(x_proj_w, dt_proj_w, A, xz.dtype)
     r = wdt.shape[-1]
     x_dbl = torch.bmm(xc, wx.transpose(1, 2))  # (2, batch*L, R' + 2N)
     dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))  # (2, batch*L, E)
     bc = x_dbl[..., r:].float().contiguous()  # float32 B, C: the scan loads them every step, bf16 costs unpacking
-    y2, hc, sc = scan_seq(xc, bc, dt, xz[:, e:], A, D, dt_bias, batch, blk)
-    return y2, xc, x_dbl, bc, hc, sc
+    y2, hc, sc = scan_seq(xc, bc, dt, xz[:, e:], at, D, dt_bias, batch, blk)
+    return y2, xc, x_dbl, bc, hc, sc, wx, wdt, at
 
 
 _mixer_forward = torch.library.custom_op("vimexp::bimixer_scan", _forward_impl, mutates_args=())
@@ -510,25 +550,28 @@ def _(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, blocks):
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(xz), xz.new_empty((2, bl, e2 // 2)), xz.new_empty((2, bl, r + 2 * n)),
             xz.new_empty((2, bl, 2 * n), **f32),
-            xz.new_empty((2, batch, nc, n, e2 // 2), **f32), xz.new_empty((2, batch, nc, e2 // 2), **f32))
+            xz.new_empty((2, batch, nc, n, e2 // 2), **f32), xz.new_empty((2, batch, nc, e2 // 2), **f32),
+            xz.new_empty((2, r + 2 * n, e2 // 2)), xz.new_empty((2, e2 // 2, r)), xz.new_empty((2, n, e2 // 2), **f32))
 
 
 def _backward_impl(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor,
-                    x_proj_w: torch.Tensor, dt_proj_w: torch.Tensor, xc: torch.Tensor, x_dbl: torch.Tensor,
-                    bc: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, hc: torch.Tensor,
-                    sc: torch.Tensor, blocks: str) -> list[torch.Tensor]:
-    """The gradients of xz, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias."""
+                   xc: torch.Tensor, x_dbl: torch.Tensor, bc: torch.Tensor, wx: torch.Tensor, wdt: torch.Tensor,
+                   at: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, hc: torch.Tensor, sc: torch.Tensor,
+                   dt_rank: int, blocks: str) -> list[torch.Tensor]:
+    """The gradients of xz; of conv_w, conv_b, D and dt_bias, flattened side by side in one float32 tensor; and of
+    x_proj_w, dt_proj_w and A in float32."""
     blk, dtype, (bl, e2) = _blocks(blocks), xz.dtype, xz.shape
-    length, e, r0, n, k = bl // batch, e2 // 2, dt_proj_w.shape[-1], A.shape[-1], conv_w.shape[-1]
-    wx, wdt = aligned_projections(x_proj_w, dt_proj_w, dtype)
-    r = wdt.shape[-1]
+    length, e, r, n, k = bl // batch, e2 // 2, wdt.shape[-1], at.shape[1], conv_w.shape[-1]
     dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))  # recomputed: one small GEMM
     f32 = dict(device=xz.device, dtype=torch.float32)
     du, ddt = torch.empty_like(xc), torch.empty_like(dt)
+    dz = torch.empty(2, bl, e, device=xz.device, dtype=dtype)  # each direction's, summed by _conv_bwd_dx
+    # what the kernels sum into with atomics, zeroed in two fills: dB and C, and the parameters' gradients
     dbc = torch.zeros(2, bl, 2 * n, **f32)
-    dz = torch.empty(2, bl, e, device=xz.device, dtype=dtype)  # each direction's, summed into dxz at the end
-    at = A.transpose(1, 2).contiguous()
-    dat, dD, ddt_bias = torch.zeros_like(at), torch.zeros_like(D), torch.zeros_like(dt_bias)
+    dparams = torch.zeros(2 * e * (k + 3 + n), **f32)
+    dconv_w, dconv_b, dD, ddt_bias, dat = dparams.split([2 * e * k, 2 * e, 2 * e, 2 * e, 2 * e * n])
+    dconv_w, dconv_b, dD, ddt_bias, dat = (dconv_w.view(2, e, k), dconv_b.view(2, e), dD.view(2, e),
+                                           ddt_bias.view(2, e), dat.view(2, n, e))
     cfg, cl, nc, grid = _seq_launch(batch, length, e, backward=True, blocks=blk)
     hs = torch.empty(2, batch, length // 2, n, e, device=xz.device, dtype=dtype)  # every other state
     gq = torch.empty(2, batch, nc, n, e, **f32)
@@ -536,46 +579,54 @@ def _backward_impl(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: torc
     for p in (0, 1) if nc > 1 else (1,):
         _scan_seq_bwd[grid](xc, bc, dt, xz[:, e:], at, D, dt_bias, dy2.contiguous(), hc, sc, gq, hs, hin, du, ddt,
                             dbc, dz, dat, dD, ddt_bias, length, batch, e, nc, cl, n, PASS=p, **cfg)
-    dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.to(dtype)], dim=2)  # (2, batch*L, R' + 2N)
-    d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])[..., :r0]
+    dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc], dim=2, out=torch.empty_like(x_dbl))  # (2, batch*L, R' + 2N)
+    d_dt_proj_w = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])[..., :dt_rank].float()
     d_x_proj_w = torch.bmm(dx_dbl.transpose(1, 2), xc)
-    d_x_proj_w = torch.cat([d_x_proj_w[:, :r0], d_x_proj_w[:, r:]], dim=1)  # the padding rows dropped
-    dxc = torch.baddbmm(du, dx_dbl, wx)
+    d_x_proj_w = torch.cat([d_x_proj_w[:, :dt_rank], d_x_proj_w[:, r:]], dim=1,  # the padding rows dropped
+                           out=torch.empty(2, dt_rank + 2 * n, e, **f32))
+    dxc = du.baddbmm_(dx_dbl, wx)  # in place: out of place, torch first copies du (0.4 ms a Vim-Ti step, H200)
     dpre = torch.empty(2, bl, e, device=xz.device, dtype=dtype)  # feeds dx (in dtype) alone: dW and the bias
     # gradient come from the float32 value in _conv_bwd_dpre's registers
-    dconv_w, dconv_b = torch.zeros(2, e, k, **f32), torch.zeros(2, e, **f32)
     dxz = torch.empty_like(xz)
     conv, dpre_cfg = blk.conv, blk.conv_dpre
     _conv_bwd_dpre[_dpre_grid(batch, length, e, dpre_cfg)](xz, conv_w, conv_b, dxc, dpre, dconv_w, dconv_b, length,
                                                            1, e2, bl * e, 1, e, e, k, triton.next_power_of_2(k),
                                                            **dpre_cfg)
-    _conv_bwd_dx[_conv_grid(batch, length, e, conv)](conv_w, dpre, dxz, length, bl * e, 1, e, 1, e2, e, k, **conv)
-    torch.add(dz[0], dz[1], out=dxz[:, e:])
-    return [dxz, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
-            d_dt_proj_w.to(dt_proj_w.dtype), dat.transpose(1, 2).contiguous(), dD, ddt_bias]
+    _conv_bwd_dx[_conv_grid(batch, length, e, conv)](conv_w, dpre, dz, dxz, length, bl * e, 1, e, 1, e2, e, k,
+                                                     **conv)
+    return [dxz, dparams[:2 * e * (k + 3)], d_x_proj_w, d_dt_proj_w, dat.transpose(1, 2).contiguous()]
 
 
 _mixer_backward = torch.library.custom_op("vimexp::bimixer_scan_backward", _backward_impl, mutates_args=())
 
 
 @_mixer_backward.register_fake
-def _(dy2, xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, xc, x_dbl, bc, A, D, dt_bias, hc, sc, blocks):
-    return [torch.empty_like(t) for t in (xz, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias)]
+def _(dy2, xz, batch, conv_w, conv_b, xc, x_dbl, bc, wx, wdt, at, D, dt_bias, hc, sc, dt_rank, blocks):
+    (_, n, e), k, f32 = at.shape, conv_w.shape[-1], dict(dtype=torch.float32)
+    return [torch.empty_like(xz), xz.new_empty((2 * e * (k + 3),), **f32),
+            xz.new_empty((2, wx.shape[1] - wdt.shape[-1] + dt_rank, e), **f32),
+            xz.new_empty((2, e, dt_rank), **f32), xz.new_empty((2, e, n), **f32)]
 
 
 def _save_for_backward(ctx, inputs, output):
     xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, blocks = inputs
-    _, xc, x_dbl, bc, hc, sc = output
-    ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, xc, x_dbl, bc, A, D, dt_bias, hc, sc)
-    ctx.batch, ctx.blocks = batch, blocks
+    _, xc, x_dbl, bc, hc, sc, wx, wdt, at = output
+    ctx.save_for_backward(xz, conv_w, conv_b, xc, x_dbl, bc, wx, wdt, at, D, dt_bias, hc, sc)
+    ctx.batch, ctx.blocks, ctx.dt_rank = batch, blocks, dt_proj_w.shape[-1]
+    ctx.dtypes = [t.dtype for t in (conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias)]
 
 
 def _mixer_gradients(ctx, dy2, *_):  # hand-written gradients: no second derivative (the backward op has none)
-    xz, conv_w, conv_b, x_proj_w, dt_proj_w, xc, x_dbl, bc, A, D, dt_bias, hc, sc = ctx.saved_tensors
+    if dy2 is None:  # (y2 unused)
+        return (None,) * 10
+    xz, conv_w, conv_b, xc, x_dbl, bc, wx, wdt, at, D, dt_bias, hc, sc = ctx.saved_tensors
     backward = _backward_impl if getattr(ctx, "eager", False) else _mixer_backward
-    grads = backward(dy2, xz, ctx.batch, conv_w, conv_b, x_proj_w, dt_proj_w, xc, x_dbl, bc, A, D, dt_bias, hc, sc,
-                     ctx.blocks)
-    return grads[0], None, *grads[1:], None
+    dxz, dparams, *dprojections = backward(dy2, xz, ctx.batch, conv_w, conv_b, xc, x_dbl, bc, wx, wdt, at, D, dt_bias,
+                                           hc, sc, ctx.dt_rank, ctx.blocks)
+    e, k = conv_w.shape[1:]
+    dconv_w, dconv_b, dD, ddt_bias = dparams.split([2 * e * k, 2 * e, 2 * e, 2 * e])
+    grads = (dconv_w.view(2, e, k), dconv_b.view(2, e), *dprojections, dD.view(2, e), ddt_bias.view(2, e))
+    return dxz, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None
 
 
 _mixer_forward.register_autograd(_mixer_gradients, setup_context=_save_for_backward)

@@ -1,9 +1,17 @@
-"""(Add +) RMSNorm in plain PyTorch: same arguments and results as mamba-ssm's Triton `rms_norm_fn`."""
+"""(Add +) RMSNorm in plain PyTorch: the arguments and results of mamba-ssm's Triton `rms_norm_fn`, and x_scale
+(drop path's factors, which the fused path's norm applies in its kernel)."""
 import torch
 
 
-def rms_norm_torch(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
-    """out = RMSNorm(x + residual); with prenorm also returns the sum (kept in fp32 if residual_in_fp32)."""
+def scaled(x, x_scale):
+    """x times one factor a sample (x's first axis), in x's dtype: drop path's multiply."""
+    return x if x_scale is None else x * x_scale.view(-1, *(1,) * (x.dim() - 1))
+
+
+def rms_norm_torch(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False,
+                   x_scale=None):
+    """out = RMSNorm(x x_scale + residual); with prenorm also returns the sum (kept in fp32 if residual_in_fp32)."""
+    x = scaled(x, x_scale)
     if residual is not None:
         x_sum = x.to(residual.dtype) + residual
     else:
