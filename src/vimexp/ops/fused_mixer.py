@@ -23,8 +23,8 @@ eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and t
   pre-activation recomputed).
 The GEMMs between them (x_proj, dt_proj) get dimensions padded to 16 bytes (`pack_params`).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
-to: docs/optimisation.md (H200, bf16, 224 px batch 128 training steps as CUDA graphs: Vim-S 2.70x and
-Vim-Ti 2.49x the mamba-ssm path; Vim-Ti inference at 1248 px 1.69x). The first training design, associative scans
+to: docs/optimisation.md (H200, bf16, 224 px batch 128 training steps as CUDA graphs: Vim-S 2.85x and
+Vim-Ti 2.65x the mamba-ssm path; Vim-Ti inference at 1248 px 1.69x). The first training design, associative scans
 over channel-major tiles, ran at 0.4x and was deleted after 603f838; docs/optimisation.md keeps its measurements.
 
 Block sizes: every launch takes a `Blocks` (`blocks=`), by default the tuned one (`tuned()`: the tables SEQ, SEQ_LONG,
