@@ -270,14 +270,15 @@ def test_drop_path_in_the_norm_draws_and_applies_timms_drop_path():
 
     from vimexp.models import vim
     ref, model = _model_pair(depth=4, drop_path_rate=0.6)
-    ref.train(), model.train()
+    ref.to(DEVICE).train(), model.train()  # one device: one generator
     scale_calls = []
 
-    def timm_scale(x, module):  # the reference: timm's own function, by what it does to a tensor of ones
-        if not isinstance(module, vim.DropPath) or not module.training or module.drop_prob == 0:
+    def timm_scale(x, module):  # the reference: timm's own function, by what it does to a tensor of ones, drawn in
+        if not isinstance(module, vim.DropPath) or not module.training or module.drop_prob == 0:  # the fused dtype
             return None
         scale_calls.append(module.drop_prob)
-        return drop_path(torch.ones_like(x), module.drop_prob, True, module.scale_by_keep)[:, 0, 0]
+        ones = torch.ones(x.shape, device=x.device, dtype=torch.float32)
+        return drop_path(ones, module.drop_prob, True, module.scale_by_keep)[:, 0, 0].to(x.dtype)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     results = {}
     for name, net, patch in (("fused", model, False), ("timm", ref, True)):
@@ -290,7 +291,7 @@ def test_drop_path_in_the_norm_draws_and_applies_timms_drop_path():
         out.square().sum().backward()
         results[name] = [out] + [p.grad for p in net.parameters()]
     assert scale_calls == pytest.approx([0.2, 0.4, 0.6])  # blocks 2 and 3 (0 and 1 drop at 0), then the final norm
-    errors = [rel(a, b.detach()) for a, b in zip(results["fused"], results["timm"])]
+    errors = [rel(a, b.detach().cpu()) for a, b in zip(results["fused"], results["timm"])]
     assert max(errors) < TOL, errors
     torch.manual_seed(6)
     assert not torch.equal(model(x.float().to(DEVICE)), results["fused"][0]), "another seed, other draws"
