@@ -273,8 +273,8 @@ def test_drop_path_in_the_norm_draws_and_applies_timms_drop_path():
     ref.to(DEVICE).train(), model.train()  # one device: one generator
     scale_calls = []
 
-    def timm_scale(x, module):  # the reference: timm's own function, by what it does to a tensor of ones, drawn in
-        if not isinstance(module, vim.DropPath) or not module.training or module.drop_prob == 0:  # the fused dtype
+    def timm_scale(x, module):  # the reference: timm's own function applied to ones, drawn in the fused dtype
+        if not isinstance(module, vim.DropPath) or not module.training or module.drop_prob == 0:
             return None
         scale_calls.append(module.drop_prob)
         ones = torch.ones(x.shape, device=x.device, dtype=torch.float32)
