@@ -12,6 +12,7 @@ from vimexp.models import create_model, load_checkpoint
 from vimexp.models.backbone import build_backbone
 from vimexp.models.vim import Rope
 from vimexp.ops import backend
+from vimexp.ops.norm import scaled
 
 TOL = 1e-12  # float64 end to end: largest |ours - reference| relative to the reference's largest |value|
 
@@ -107,7 +108,7 @@ def rms_norm_f64(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, r
                  x_scale=None):
     """The torch path's add + RMSNorm without its float32 casts (the official kernels' precision), so that a float64
     model stays float64 and differences far below float32 resolution show."""
-    x = x if x_scale is None else x * x_scale.view(-1, *(1,) * (x.dim() - 1))
+    x = scaled(x, x_scale)
     s = x if residual is None else x + residual
     out = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps) * weight
     return (out, s) if prenorm else out

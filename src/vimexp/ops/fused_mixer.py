@@ -568,10 +568,9 @@ def _backward_impl(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: torc
     dz = torch.empty(2, bl, e, device=xz.device, dtype=dtype)  # each direction's, summed by _conv_bwd_dx
     # what the kernels sum into with atomics, zeroed in two fills: dB and C, and the parameters' gradients
     dbc = torch.zeros(2, bl, 2 * n, **f32)
-    dparams = torch.zeros(2 * e * (k + 3 + n), **f32)
-    dconv_w, dconv_b, dD, ddt_bias, dat = dparams.split([2 * e * k, 2 * e, 2 * e, 2 * e, 2 * e * n])
-    dconv_w, dconv_b, dD, ddt_bias, dat = (dconv_w.view(2, e, k), dconv_b.view(2, e), dD.view(2, e),
-                                           ddt_bias.view(2, e), dat.view(2, n, e))
+    dparams, dat = torch.zeros(2 * e * (k + 3 + n), **f32).split([2 * e * (k + 3), 2 * e * n])
+    dconv_w, dconv_b, dD, ddt_bias = _param_grads(dparams, e, k)
+    dat = dat.view(2, n, e)
     cfg, cl, nc, grid = _seq_launch(batch, length, e, backward=True, blocks=blk)
     hs = torch.empty(2, batch, length // 2, n, e, device=xz.device, dtype=dtype)  # every other state
     gq = torch.empty(2, batch, nc, n, e, **f32)
@@ -594,7 +593,13 @@ def _backward_impl(dy2: torch.Tensor, xz: torch.Tensor, batch: int, conv_w: torc
                                                            **dpre_cfg)
     _conv_bwd_dx[_conv_grid(batch, length, e, conv)](conv_w, dpre, dz, dxz, length, bl * e, 1, e, 1, e2, e, k,
                                                      **conv)
-    return [dxz, dparams[:2 * e * (k + 3)], d_x_proj_w, d_dt_proj_w, dat.transpose(1, 2).contiguous()]
+    return [dxz, dparams, d_x_proj_w, d_dt_proj_w, dat.transpose(1, 2).contiguous()]
+
+
+def _param_grads(flat: torch.Tensor, e: int, k: int) -> tuple[torch.Tensor, ...]:
+    """The gradients of conv_w (2, E, K), conv_b, D and dt_bias (2, E) as views of `flat`, side by side."""
+    dconv_w, dconv_b, dD, ddt_bias = flat.split([2 * e * k, 2 * e, 2 * e, 2 * e])
+    return dconv_w.view(2, e, k), dconv_b.view(2, e), dD.view(2, e), ddt_bias.view(2, e)
 
 
 _mixer_backward = torch.library.custom_op("vimexp::bimixer_scan_backward", _backward_impl, mutates_args=())
@@ -623,9 +628,8 @@ def _mixer_gradients(ctx, dy2, *_):  # hand-written gradients: no second derivat
     backward = _backward_impl if getattr(ctx, "eager", False) else _mixer_backward
     dxz, dparams, *dprojections = backward(dy2, xz, ctx.batch, conv_w, conv_b, xc, x_dbl, bc, wx, wdt, at, D, dt_bias,
                                            hc, sc, ctx.dt_rank, ctx.blocks)
-    e, k = conv_w.shape[1:]
-    dconv_w, dconv_b, dD, ddt_bias = dparams.split([2 * e * k, 2 * e, 2 * e, 2 * e])
-    grads = (dconv_w.view(2, e, k), dconv_b.view(2, e), *dprojections, dD.view(2, e), ddt_bias.view(2, e))
+    dconv_w, dconv_b, dD, ddt_bias = _param_grads(dparams, *conv_w.shape[1:])
+    grads = (dconv_w, dconv_b, *dprojections, dD, ddt_bias)
     return dxz, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None
 
 
