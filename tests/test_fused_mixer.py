@@ -319,7 +319,7 @@ def test_export_and_compile_see_the_fused_ops():
         expected = model(x)
         exported = torch.export.export(model, (x,))
         nodes = [str(n.target) for n in exported.graph.nodes]
-        assert nodes.count("vimexp.bimixer_scan.default") == 2 and nodes.count("vimexp.rms_norm.default") == 3
+        assert nodes.count("vimexp.bimixer_scan_inference.default") == 2 and nodes.count("vimexp.rms_norm.default") == 3
         assert torch.equal(exported.module()(x), expected)
     compiled = torch.compile(model.train(), backend="aot_eager", fullgraph=True)
     compiled(x).square().sum().backward()
@@ -350,3 +350,52 @@ def test_exported_vim_ti_gives_the_eager_logits():
     error = rel(got, expected.double().cpu())
     print(f"exported Vim-Ti vs eager (float32): relative max difference {error:.2e}")
     assert error <= 1e-6
+
+
+_COMPILE_ONE_PASS = """
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from vimexp.ops import fused_mixer, scan_one_pass as sop
+cfg = dict(fused_mixer.LANES[sys.argv[1]])
+warps = cfg.pop("num_warps")
+ch, states, bc = sop.layouts(warps)
+types = dict(U="*bf16", BC="*fp32", DT="*bf16", Z="*bf16", A="*fp32", D="*fp32", DTB="*fp32", Y2="*bf16", L="i32",
+             B="i32", E="i32")
+consts = dict(CH=ch, LS=states, LBC=bc, **cfg)
+kernel = sop._scan_one_pass
+signature = {name: "constexpr" if name in consts else types[name] for name in kernel.arg_names}
+compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=consts, attrs={}),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+ptx = compiled.asm["ptx"]
+with tempfile.TemporaryDirectory() as tmp:
+    open(os.path.join(tmp, "k.ptx"), "w").write(ptx)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    log = subprocess.run([ptxas, "-v", "-arch=sm_90a", os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.o")],
+                         capture_output=True, text=True, check=True).stderr
+print(json.dumps(dict(spill_bytes=sum(map(int, re.findall(r"(\\d+) bytes spill", log))),
+                      registers=int(re.findall(r"Used (\\d+) registers", log)[0]),
+                      shared=compiled.metadata.shared, barriers="bar.sync" in ptx or "barrier" in ptx,
+                      shuffles=ptx.count("shfl.sync"))))
+"""
+
+
+@pytest.mark.parametrize("config", ["FEW", "MANY"])
+def test_one_pass_scan_compiles_for_sm90_in_registers_and_shuffles(config):
+    """The inference scan (Gluon, vimexp.ops.scan_one_pass) compiled for an H100/H200 without a GPU, in a process
+    without Triton's interpreter (which cannot build Gluon): no spills, no shared memory, no barrier (its lanes
+    trade values by shuffles alone), which is what made it faster than the two-pass scan. Its numbers are checked
+    on the GPU (test_inference_path_matches_float64_reference runs it there, tests/test_gpu.py at Vim's shapes)."""
+    pytest.importorskip("triton.experimental.gluon")
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_ONE_PASS, config], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["spill_bytes"] == 0 and report["shared"] == 0 and not report["barriers"], report
+    assert report["shuffles"] >= 11 * fused_mixer.LANES[config]["SETS"], report  # 8 broadcasts + 3 a block

@@ -387,6 +387,11 @@ SEQ_BWD = dict(BD=64, num_warps=1, WAVE_MAXNREG=168)  # _scan_seq_bwd (chunks as
 CONV_BLOCK = dict(BE=128, BT=16)  # _conv_fwd, _conv_bwd_dx: channels and tokens a program; 128 x 16 ran the graphed
 # training steps 1.7% (Vim-Ti) and 2.0% (Vim-S) faster than 32 x 64 (H200, one call)
 CONV_DPRE = dict(BE=32, BT=16, SEG=256, num_warps=4)  # _conv_bwd_dpre: SEG tokens a program, in tiles of BT
+# The inference scan (vimexp.ops.scan_one_pass), 8 channels a warp: FEW where the grid has at most FEW_BELOW warps an
+# SM (Vim-Ti at 1248 px, batch 8: 5.8), MANY above (batch 64: 47). At batch 8, SETS=3 and L2 prefetches 8 blocks
+# ahead ran 1.26x the two-pass kernel (SETS=2, no prefetch: 0.87x); at batch 64 they ran 1.11-1.24x, SETS=2 without
+# prefetches 1.27x (H200 sweeps, docs/optimisation.md step 40).
+LANES = dict(FEW=dict(num_warps=2, SETS=3, PF=8), MANY=dict(num_warps=1, SETS=2, PF=0), FEW_BELOW=12)
 
 
 class Blocks(NamedTuple):
@@ -396,11 +401,12 @@ class Blocks(NamedTuple):
     seq_bwd: dict  # _scan_seq_bwd: BD, num_warps, WAVE_MAXNREG (its chunks are the forward's)
     conv: dict  # _conv_fwd, _conv_bwd_dx: BE, BT
     conv_dpre: dict  # _conv_bwd_dpre: BE, BT, SEG, num_warps
+    lanes: dict  # scan_one_pass (inference): FEW, MANY (num_warps, SETS, PF), FEW_BELOW
 
 
 def tuned() -> Blocks:
     """The tuned blocks (the tables above, read at the call)."""
-    return Blocks(SEQ, SEQ_LONG, SEQ_BWD, CONV_BLOCK, CONV_DPRE)
+    return Blocks(SEQ, SEQ_LONG, SEQ_BWD, CONV_BLOCK, CONV_DPRE, LANES)
 
 
 def with_blocks(base: Blocks | None = None, **tables: dict) -> Blocks:
@@ -520,6 +526,16 @@ def _blocks(blocks: str) -> Blocks:
     return Blocks(**json.loads(blocks)) if blocks else tuned()
 
 
+def _projections(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, blk: Blocks):
+    """The scan's inputs from xz: the convs' outputs xc (2, batch*L, E), x_dbl (2, batch*L, R' + 2N) and dt (2,
+    batch*L, E), through the packed parameters wx, wdt and A transposed (pack_params)."""
+    xc = conv_forward(xz, conv_w, conv_b, batch, blk)
+    wx, wdt, at = pack_params(x_proj_w, dt_proj_w, A, xz.dtype)
+    x_dbl = torch.bmm(xc, wx.transpose(1, 2))  # (2, batch*L, R' + 2N)
+    dt = torch.bmm(x_dbl[..., :wdt.shape[-1]], wdt.transpose(1, 2))  # (2, batch*L, E)
+    return xc, x_dbl, dt, wx, wdt, at
+
+
 def _forward_impl(xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor, x_proj_w: torch.Tensor,
                   dt_proj_w: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, blocks: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -530,14 +546,40 @@ def _forward_impl(xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: to
     of kernels for 1.9 GB (bf16, batch 128, H200)."""
     blk = _blocks(blocks)
     e = xz.shape[1] // 2
-    xc = conv_forward(xz, conv_w, conv_b, batch, blk)
-    wx, wdt, at = pack_params(x_proj_w, dt_proj_w, A, xz.dtype)
-    r = wdt.shape[-1]
-    x_dbl = torch.bmm(xc, wx.transpose(1, 2))  # (2, batch*L, R' + 2N)
-    dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))  # (2, batch*L, E)
-    bc = x_dbl[..., r:].float().contiguous()  # float32 B, C: the scan loads them every step, bf16 costs unpacking
+    xc, x_dbl, dt, wx, wdt, at = _projections(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, blk)
+    bc = x_dbl[..., wdt.shape[-1]:].float().contiguous()  # float32 B, C: the scan loads them every step
     y2, hc, sc = scan_seq(xc, bc, dt, xz[:, e:], at, D, dt_bias, batch, blk)
     return y2, xc, x_dbl, bc, hc, sc, wx, wdt, at
+
+
+def _inference_impl(xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor,
+                    x_proj_w: torch.Tensor, dt_proj_w: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                    dt_bias: torch.Tensor, blocks: str) -> torch.Tensor:
+    """y2 alone, where no gradient is taken: on a GPU through the one-pass scan (scan_one_pass), which keeps nothing
+    for a backward; in Triton's CPU interpreter, which cannot run that Gluon kernel, through scan_seq."""
+    blk = _blocks(blocks)
+    e = xz.shape[1] // 2
+    xc, x_dbl, dt, _, wdt, at = _projections(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, blk)
+    if not xz.is_cuda:
+        return scan_seq(xc, x_dbl[..., wdt.shape[-1]:].float().contiguous(), dt, xz[:, e:], at, D, dt_bias, batch,
+                        blk)[0]
+    from vimexp.ops import scan_one_pass
+    bc = scan_one_pass.padded_bc(x_dbl[..., wdt.shape[-1]:])
+    return scan_one_pass.scan_one_pass(xc, bc, dt, xz[:, e:], A, D, dt_bias, batch,
+                                       scan_one_pass.launch_config(batch, e, blk.lanes))
+
+
+mixer_inference = torch.library.custom_op("vimexp::bimixer_scan_inference", _inference_impl, mutates_args=())
+
+
+@mixer_inference.register_fake
+def _(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, blocks):
+    return torch.empty_like(xz)
+
+
+def _run_inference(*args):
+    """The op while compiling or exporting, its implementation eagerly (no dispatch cost: see custom_ops)."""
+    return mixer_inference(*args) if torch.compiler.is_compiling() else _inference_impl(*args)
 
 
 _mixer_forward = torch.library.custom_op("vimexp::bimixer_scan", _forward_impl, mutates_args=())
@@ -644,11 +686,13 @@ def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_
     in its GEMM (weight [W, W]). blocks: every kernel's block configuration (default: the tuned one)."""
     xz = F.linear(hidden, in_proj_w.to(hidden.dtype))  # (batch*L, 2E)
     length, n, r = xz.shape[0] // batch, A.shape[-1], dt_proj_w.shape[-1]
-    step = max_batch(length, conv_w.shape[1], n, r, blocks)  # a larger batch runs as several launches
     params = (conv_w.contiguous(), conv_b.contiguous(), x_proj_w, dt_proj_w, A.contiguous(), D.contiguous(),
               dt_bias.contiguous(), json.dumps(blocks._asdict()) if blocks else "")
-    y2 = torch.cat([mixer_forward(part, part.shape[0] // length, *params)[0]
-                    for part in xz.split(step * length)]) if batch > step else mixer_forward(xz, batch, *params)[0]
+    inference = not (torch.is_grad_enabled() and (xz.requires_grad or any(p.requires_grad for p in params[:-1])))
+    mixer = _run_inference if inference else lambda *args: mixer_forward(*args)[0]
+    step = max_batch(length, conv_w.shape[1], n, r, blocks, inference and xz.is_cuda)  # more: several launches
+    y2 = torch.cat([mixer(part, part.shape[0] // length, *params)
+                    for part in xz.split(step * length)]) if batch > step else mixer(xz, batch, *params)
     return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(y2.dtype))
 
 
@@ -676,10 +720,12 @@ MAX_ELEMENTS = 2 ** 31 - 1  # the kernels' offsets are 32-bit
 MAX_GRID_AXIS = 2 ** 16 - 1  # CUDA's limit on a grid's second axis (batch x chunks)
 
 
-def max_batch(length: int, d_inner: int, d_state: int, dt_rank: int, blocks: Blocks | None = None) -> int:
-    """The largest batch one launch takes: every buffer within 32-bit offsets, batch x chunks within a grid axis."""
-    chunks = triton.cdiv(length, seq_config(length, blocks)["CL"])
+def max_batch(length: int, d_inner: int, d_state: int, dt_rank: int, blocks: Blocks | None = None,
+              inference: bool = False) -> int:
+    """The largest batch one launch takes: every buffer within 32-bit offsets, batch x chunks within a grid axis.
+    Inference (scan_one_pass) keeps neither the backward's scratch nor chunk states, and has no chunks."""
+    chunks = 1 if inference else triton.cdiv(length, seq_config(length, blocks)["CL"])
     per_sample = max(2 * d_inner * length, 2 * (aligned(dt_rank) + 2 * d_state) * length,
-                     2 * d_inner * d_state * (length // 2),  # the backward's state scratch
+                     0 if inference else 2 * d_inner * d_state * (length // 2),  # the backward's state scratch
                      2 * d_inner * d_state * chunks)  # chunk states and adjoints
     return max(1, min(MAX_ELEMENTS // per_sample, MAX_GRID_AXIS // chunks))
