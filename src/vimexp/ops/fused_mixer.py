@@ -16,6 +16,8 @@ eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and t
   arithmetic. Long sequences run in two passes (chunk end states, then the outputs from the carried-in state),
   or in one where the batch alone fills the GPU (SEQ_LONG's ONE_PASS); each direction writes SiLU(z) y_d beside
   the other, and out_proj adds the two in its GEMM;
+- where no gradient is taken, on a GPU, the scan is vimexp.ops.scan_one_pass instead (Gluon: each channel's states
+  over 4 lanes, one pass over any length; `vimexp::bimixer_scan_inference`), which keeps nothing for a backward;
 - `_scan_seq_bwd`: the same programs backwards in time: the chunk's states recomputed, every other one kept in a
   scratch buffer, then the adjoint walked back two steps at a time, carried between chunks as the states are (a
   first pass of chunk aggregates);
@@ -24,11 +26,11 @@ eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and t
 The GEMMs between them (x_proj, dt_proj) get dimensions padded to 16 bytes (`pack_params`).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
 to: docs/optimisation.md (H200, bf16, 224 px batch 128 training steps as CUDA graphs: Vim-S 2.85x and
-Vim-Ti 2.65x the mamba-ssm path; Vim-Ti inference at 1248 px 1.69x). The first training design, associative scans
+Vim-Ti 2.65x the mamba-ssm path; Vim-Ti inference as CUDA graphs at 1248 px 2.05x at batch 8, 2.88x at batch 64). The first training design, associative scans
 over channel-major tiles, ran at 0.4x and was deleted after 603f838; docs/optimisation.md keeps its measurements.
 
 Block sizes: every launch takes a `Blocks` (`blocks=`), by default the tuned one (`tuned()`: the tables SEQ, SEQ_LONG,
-SEQ_BWD, CONV_BLOCK, CONV_DPRE). A sweep passes its own (`with_blocks(seq_bwd=dict(BD=32))`, as
+SEQ_BWD, CONV_BLOCK, CONV_DPRE, LANES). A sweep passes its own (`with_blocks(seq_bwd=dict(BD=32))`, as
 `python -m vimexp.bench bench=mixer bench.sweep=true` does) instead of writing into the tuned tables.
 """
 import json
