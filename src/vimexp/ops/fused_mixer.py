@@ -26,8 +26,9 @@ eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and t
 The GEMMs between them (x_proj, dt_proj) get dimensions padded to 16 bytes (`pack_params`).
 Every kernel computes in float32 whatever the activation dtype. What each design gained, and what it was predicted
 to: docs/optimisation.md (H200, bf16, 224 px batch 128 training steps as CUDA graphs: Vim-S 2.85x and
-Vim-Ti 2.65x the mamba-ssm path; Vim-Ti inference as CUDA graphs at 1248 px 2.05x at batch 8, 2.88x at batch 64). The first training design, associative scans
-over channel-major tiles, ran at 0.4x and was deleted after 603f838; docs/optimisation.md keeps its measurements.
+Vim-Ti 2.65x the mamba-ssm path; Vim-Ti inference as CUDA graphs at 1248 px 2.05x at batch 8, 2.88x at batch 64).
+The first training design, associative scans over channel-major tiles, ran at 0.4x and was deleted after 603f838;
+docs/optimisation.md keeps its measurements.
 
 Block sizes: every launch takes a `Blocks` (`blocks=`), by default the tuned one (`tuned()`: the tables SEQ, SEQ_LONG,
 SEQ_BWD, CONV_BLOCK, CONV_DPRE, LANES). A sweep passes its own (`with_blocks(seq_bwd=dict(BD=32))`, as
