@@ -16,8 +16,9 @@ eager calls skip torch's op dispatch, vimexp.ops.custom_ops), in inference and t
   arithmetic. Long sequences run in two passes (chunk end states, then the outputs from the carried-in state),
   or in one where the batch alone fills the GPU (SEQ_LONG's ONE_PASS); each direction writes SiLU(z) y_d beside
   the other, and out_proj adds the two in its GEMM;
-- where no gradient is taken, on a GPU, the scan is vimexp.ops.scan_one_pass instead (Gluon: each channel's states
-  over 4 lanes, one pass over any length; `vimexp::bimixer_scan_inference`), which keeps nothing for a backward;
+- where no gradient is taken, on a GPU, at 16 states, the scan is vimexp.ops.scan_one_pass instead (Gluon: each
+  channel's states over 4 lanes, one pass over any length; `vimexp::bimixer_scan_inference`), which keeps nothing
+  for a backward;
 - `_scan_seq_bwd`: the same programs backwards in time: the chunk's states recomputed, every other one kept in a
   scratch buffer, then the adjoint walked back two steps at a time, carried between chunks as the states are (a
   first pass of chunk aggregates);
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from vimexp.ops import scan_one_pass
 from vimexp.ops.custom_ops import eager_fast
 
 
@@ -558,18 +560,22 @@ def _forward_impl(xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: to
 def _inference_impl(xz: torch.Tensor, batch: int, conv_w: torch.Tensor, conv_b: torch.Tensor,
                     x_proj_w: torch.Tensor, dt_proj_w: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
                     dt_bias: torch.Tensor, blocks: str) -> torch.Tensor:
-    """y2 alone, where no gradient is taken: on a GPU through the one-pass scan (scan_one_pass), which keeps nothing
-    for a backward; in Triton's CPU interpreter, which cannot run that Gluon kernel, through scan_seq."""
+    """y2 alone, where no gradient is taken: through the one-pass scan where _one_pass says so, which keeps nothing
+    for a backward; else through scan_seq."""
     blk = _blocks(blocks)
     e = xz.shape[1] // 2
     xc, x_dbl, dt, _, wdt, at = _projections(xz, batch, conv_w, conv_b, x_proj_w, dt_proj_w, A, blk)
-    if not xz.is_cuda:
+    if not _one_pass(xz, A.shape[-1]):
         return scan_seq(xc, x_dbl[..., wdt.shape[-1]:].float().contiguous(), dt, xz[:, e:], at, D, dt_bias, batch,
                         blk)[0]
-    from vimexp.ops import scan_one_pass
     bc = scan_one_pass.padded_bc(x_dbl[..., wdt.shape[-1]:])
     return scan_one_pass.scan_one_pass(xc, bc, dt, xz[:, e:], A, D, dt_bias, batch,
                                        scan_one_pass.launch_config(batch, e, blk.lanes))
+
+
+def _one_pass(xz: torch.Tensor, d_state: int) -> bool:
+    """Whether inference runs scan_one_pass: on a GPU (Triton's CPU interpreter cannot run Gluon) at its 16 states."""
+    return xz.is_cuda and d_state == scan_one_pass.N
 
 
 mixer_inference = torch.library.custom_op("vimexp::bimixer_scan_inference", _inference_impl, mutates_args=())
@@ -693,7 +699,7 @@ def bimixer_channel_last(hidden, batch, in_proj_w, conv_w, conv_b, x_proj_w, dt_
               dt_bias.contiguous(), json.dumps(blocks._asdict()) if blocks else "")
     inference = not (torch.is_grad_enabled() and (xz.requires_grad or any(p.requires_grad for p in params[:-1])))
     mixer = _run_inference if inference else lambda *args: mixer_forward(*args)[0]
-    step = max_batch(length, conv_w.shape[1], n, r, blocks, inference and xz.is_cuda)  # more: several launches
+    step = max_batch(length, conv_w.shape[1], n, r, blocks, inference and _one_pass(xz, n))  # more: launches
     y2 = torch.cat([mixer(part, part.shape[0] // length, *params)
                     for part in xz.split(step * length)]) if batch > step else mixer(xz, batch, *params)
     return F.linear(y2, torch.cat([out_proj_w, out_proj_w], dim=1).to(y2.dtype))
