@@ -35,7 +35,7 @@ SWEEP_SEQ = {"inference": [dict(BD=bd, num_warps=w) for bd in (32, 64, 128) for 
 # the conv kernels' tiles (channels x tokens; _conv_fwd and _conv_bwd_dx), timed in inference and training
 SWEEP_CONV = [dict(BE=be, BT=bt) for be in (32, 64, 128) for bt in (16, 32, 64) if be * bt <= 4096]
 # the inference scan's launches (scan_one_pass): warps (8 channels each), register sets, L2 prefetch distance
-SWEEP_LANES = [dict(num_warps=w, SETS=s, PF=pf) for w in (1, 2) for s in (2, 3) for pf in (0, 8)]
+SWEEP_LANES = [dict(num_warps=w, SETS=s, PF=pf) for w in (1, 2) for s in (2, 3, 4) for pf in (0, 8)]
 TABLES = ("SEQ", "SEQ_LONG", "SEQ_BWD", "CONV_BLOCK", "CONV_DPRE", "LANES")  # fused_mixer.Blocks' fields, as tables
 
 

@@ -392,11 +392,14 @@ SEQ_BWD = dict(BD=64, num_warps=1, WAVE_MAXNREG=168)  # _scan_seq_bwd (chunks as
 CONV_BLOCK = dict(BE=128, BT=16)  # _conv_fwd, _conv_bwd_dx: channels and tokens a program; 128 x 16 ran the graphed
 # training steps 1.7% (Vim-Ti) and 2.0% (Vim-S) faster than 32 x 64 (H200, one call)
 CONV_DPRE = dict(BE=32, BT=16, SEG=256, num_warps=4)  # _conv_bwd_dpre: SEG tokens a program, in tiles of BT
-# The inference scan (vimexp.ops.scan_one_pass), 8 channels a warp: FEW where the grid has at most FEW_BELOW warps an
-# SM (Vim-Ti at 1248 px, batch 8: 5.8), MANY above (batch 64: 47). At batch 8, SETS=3 and L2 prefetches 8 blocks
-# ahead ran 1.26x the two-pass kernel (SETS=2, no prefetch: 0.87x); at batch 64 they ran 1.11-1.24x, SETS=2 without
-# prefetches 1.27x (H200 sweeps, docs/optimisation.md step 40).
-LANES = dict(FEW=dict(num_warps=2, SETS=3, PF=8), MANY=dict(num_warps=1, SETS=2, PF=0), FEW_BELOW=12)
+# The inference scan (vimexp.ops.scan_one_pass), 8 channels a warp: the first of CONFIGS whose UP_TO bound the grid's
+# warps an SM are within, else the last. Few warps an SM (Vim-Ti at 1248 px: batch 8, 5.8; 32, 23) leave each lane
+# waiting on its loads: more register sets in flight (SETS: blocks loaded ahead) and L2 prefetches PF blocks ahead pay;
+# many warps (batch 64: 47) are bound by registers, where the least pays. Against the two-pass kernel at 1248 px (H200
+# sweeps, docs/optimisation.md step 40): batch 8 SETS 4 1.35x, SETS 3 1.26x, SETS 2 without prefetch 0.87x; batch 16
+# and 32 SETS 3 1.60x / 1.52x, SETS 2 1.37x / 1.33x; batch 64 SETS 2 without prefetch 1.27x, SETS 3 1.11-1.22x.
+LANES = dict(UP_TO=[8, 24], CONFIGS=[dict(num_warps=2, SETS=4, PF=8), dict(num_warps=2, SETS=3, PF=8),
+                                     dict(num_warps=1, SETS=2, PF=0)])
 
 
 class Blocks(NamedTuple):
@@ -406,7 +409,7 @@ class Blocks(NamedTuple):
     seq_bwd: dict  # _scan_seq_bwd: BD, num_warps, WAVE_MAXNREG (its chunks are the forward's)
     conv: dict  # _conv_fwd, _conv_bwd_dx: BE, BT
     conv_dpre: dict  # _conv_bwd_dpre: BE, BT, SEG, num_warps
-    lanes: dict  # scan_one_pass (inference): FEW, MANY (num_warps, SETS, PF), FEW_BELOW
+    lanes: dict  # scan_one_pass (inference): UP_TO (warps an SM), CONFIGS (num_warps, SETS, PF)
 
 
 def tuned() -> Blocks:

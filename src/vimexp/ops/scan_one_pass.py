@@ -25,7 +25,7 @@ from triton.experimental.gluon import language as gl
 
 N = 16  # states a channel (4 lanes x 4 registers)
 K = 4  # steps a block
-PAD = 6 * K  # rows read past either end of B and C: SETS + 1 blocks ahead, unmasked (see padded_bc)
+PAD = 8 * K  # rows read past either end of B and C: up to SETS + 3 blocks (SETS <= 4), unmasked (see padded_bc)
 
 
 def layouts(warps: int):
@@ -150,7 +150,7 @@ def _scan_one_pass(U, BC, DT, Z, A, D, DTB, Y2, L, B, E, CH: gl.constexpr, LS: g
 @gluon.jit
 def _scan_direction(U, BC, DT, Z, A, D, DTB, Y2, L, B, E, CH: gl.constexpr, LS: gl.constexpr, LBC: gl.constexpr,
                     SETS: gl.constexpr, PF: gl.constexpr, DIR: gl.constexpr):
-    """SETS blocks an iteration, each block's inputs loaded SETS - 1 blocks ahead into register sets that the
+    """SETS (2-4) blocks an iteration, each block's inputs loaded SETS - 1 blocks ahead into register sets that the
     unrolled loop keeps in place; with PF > 0, L2 prefetches PF blocks ahead as well (where few warps share an SM)."""
     N: gl.constexpr = 16
     Kc: gl.constexpr = 4
@@ -200,8 +200,10 @@ def _scan_direction(U, BC, DT, Z, A, D, DTB, Y2, L, B, E, CH: gl.constexpr, LS: 
         FBC = BC + (DIR * BL + row_f) * 2 * N + e_f * 0
     u, dt, z, Bt, Ct = _load_block(PU, PDT, PZ, PBC, 0, L, E, k_p, ok_e, N, SGN)
     u2, dt2, z2, Bt2, Ct2 = _load_block(PU, PDT, PZ, PBC, Kc, L, E, k_p, ok_e, N, SGN)
-    if SETS == 3:
+    if SETS >= 3:
         u3, dt3, z3, Bt3, Ct3 = _load_block(PU, PDT, PZ, PBC, 2 * Kc, L, E, k_p, ok_e, N, SGN)
+    if SETS == 4:
+        u4, dt4, z4, Bt4, Ct4 = _load_block(PU, PDT, PZ, PBC, 3 * Kc, L, E, k_p, ok_e, N, SGN)
     for i0 in range(0, L, SETS * Kc):
         if PF > 0:
             for q in gl.static_range(SETS):
@@ -214,10 +216,14 @@ def _scan_direction(U, BC, DT, Z, A, D, DTB, Y2, L, B, E, CH: gl.constexpr, LS: 
         u, dt, z, Bt, Ct = _load_block(PU, PDT, PZ, PBC, i0 + SETS * Kc, L, E, k_p, ok_e, N, SGN)
         h = _block(h, A3, Dd, bias, u2, dt2, z2, Bt2, Ct2, PY, i0 + Kc, L, E, k_p, ok_e, src0, hi1, hi0, SLJ, SGN)
         u2, dt2, z2, Bt2, Ct2 = _load_block(PU, PDT, PZ, PBC, i0 + (SETS + 1) * Kc, L, E, k_p, ok_e, N, SGN)
-        if SETS == 3:
+        if SETS >= 3:
             h = _block(h, A3, Dd, bias, u3, dt3, z3, Bt3, Ct3, PY, i0 + 2 * Kc, L, E, k_p, ok_e, src0, hi1, hi0,
                        SLJ, SGN)
-            u3, dt3, z3, Bt3, Ct3 = _load_block(PU, PDT, PZ, PBC, i0 + 5 * Kc, L, E, k_p, ok_e, N, SGN)
+            u3, dt3, z3, Bt3, Ct3 = _load_block(PU, PDT, PZ, PBC, i0 + (SETS + 2) * Kc, L, E, k_p, ok_e, N, SGN)
+        if SETS == 4:
+            h = _block(h, A3, Dd, bias, u4, dt4, z4, Bt4, Ct4, PY, i0 + 3 * Kc, L, E, k_p, ok_e, src0, hi1, hi0,
+                       SLJ, SGN)
+            u4, dt4, z4, Bt4, Ct4 = _load_block(PU, PDT, PZ, PBC, i0 + 7 * Kc, L, E, k_p, ok_e, N, SGN)
 
 
 def padded_bc(bc_view: torch.Tensor) -> torch.Tensor:
@@ -231,12 +237,12 @@ def padded_bc(bc_view: torch.Tensor) -> torch.Tensor:
 
 
 def launch_config(batch: int, e: int, table: dict) -> dict:
-    """The table's FEW configuration where the grid's warps are at most FEW_BELOW an SM (all resident, latency
-    bound: more blocks in flight and prefetches), else MANY (register bound: fewer registers)."""
-    many = table["MANY"]
-    warps = batch * 2 * triton.cdiv(e, 8)  # at 8 channels a warp
+    """The launch for this grid from fused_mixer's LANES table: the first configuration whose UP_TO bound the grid's
+    warps an SM (at 8 channels a warp) are within, else the last."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return dict(table["FEW"] if warps <= table["FEW_BELOW"] * sms else many)
+    warps_an_sm = batch * 2 * triton.cdiv(e, 8) / sms
+    tier = next((i for i, bound in enumerate(table["UP_TO"]) if warps_an_sm <= bound), len(table["UP_TO"]))
+    return dict(table["CONFIGS"][tier])
 
 
 def scan_one_pass(xc, bc, dt, z, A, D, dt_bias, batch, config: dict) -> torch.Tensor:
