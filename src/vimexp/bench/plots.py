@@ -10,21 +10,24 @@ from vimexp.record import REPO
 COLORS = ["#999", "#2a7", "#c63", "#36c"]
 
 
-def img_per_sec(path: Path) -> dict[str, float]:
-    """model -> img/s of one results.csv."""
+def img_per_sec(path: Path, where: dict | None = None) -> dict[str, float]:
+    """model -> img/s of one results.csv, from its rows whose columns equal `where`'s values (e.g. res, batch)."""
+    where = {k: str(v) for k, v in (where or {}).items()}
     with open(path) as f:
-        return {r["model"]: float(r["img_per_sec"]) for r in csv.DictReader(f) if r.get("img_per_sec")}
+        return {r["model"]: float(r["img_per_sec"]) for r in csv.DictReader(f)
+                if r.get("img_per_sec") and all(r.get(k) == v for k, v in where.items())}
 
 
 def speedup_figure(panels: list[dict], title: str, path: Path, size=(14, 3.8), dpi=110) -> Path:
-    """One panel per {title, csv, bars: {label: model}}: the bars' img/s and their ratio to the panel's first."""
+    """One panel per {title, csv, bars: {label: model}, where (optional): {column: value}}: the bars' img/s and
+    their ratio to the panel's first."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=tuple(size), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        rows = img_per_sec(Path(panel["csv"]))
+        rows = img_per_sec(Path(panel["csv"]), panel.get("where"))
         missing = [m for m in panel["bars"].values() if m not in rows]
         if missing:
             raise VimexpError(f"{panel['csv']} has no img/s for {', '.join(missing)}")
@@ -48,7 +51,7 @@ def run(cfg) -> dict:
     b = cfg.bench
     # a relative csv path is the repository's (the kept runs), wherever the command runs
     panels = [{"title": p.title, "csv": str(Path(p.csv) if Path(p.csv).is_absolute() else REPO / p.csv),
-               "bars": dict(p.bars)} for p in b.panels]
+               "bars": dict(p.bars), "where": dict(p.get("where") or {})} for p in b.panels]
     path = speedup_figure(panels, b.title, Path(cfg.out_dir) / b.file)
     print(f"figure in {path.resolve()}")
     return {"figure": str(path), "panels": panels}
