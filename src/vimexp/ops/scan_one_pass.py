@@ -11,7 +11,7 @@ and pays every exponential twice. Here a warp owns 8 channels of one (batch, dir
 - step k's delta and delta * u reach the channel's 4 lanes by an indexed warp shuffle from lane 4c + k;
 - the partial outputs (h C summed over a lane's 4 states, one per step) are reduce-scattered over the channel's
   lanes by two butterfly shuffles, after which lane j holds step j's output: back in the (CH, K) layout.
-No shared memory and no barrier (Triton's own layout conversions went through shared memory: 1.26x slower at batch 64,
+No shared memory and no barrier (Triton's own layout conversions went through shared memory: 1.09-1.16x slower,
 H200); 10 instructions and 1.19 exponentials a state update (sm_90, Triton 3.6). Measured against the two-pass
 kernel: docs/optimisation.md step 40.
 
@@ -25,7 +25,7 @@ from triton.experimental.gluon import language as gl
 
 N = 16  # states a channel (4 lanes x 4 registers)
 K = 4  # steps a block
-PAD = 8 * K  # rows read past either end of B and C: up to SETS + 3 blocks (SETS <= 4), unmasked (see padded_bc)
+PAD = 8 * K  # rows read past either end of B and C, unmasked (see padded_bc): (2 SETS - 1) K + 3, 31 at SETS 4
 
 
 def layouts(warps: int):
