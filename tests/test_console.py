@@ -87,7 +87,7 @@ def test_ctrl_c_before_any_checkpoint_leaves_no_run_directory(tiny_data, tmp_pat
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, stderr[-3000:]
     assert not out.exists(), (sorted(p.name for p in out.rglob("*")), stderr[-2000:])
 
 

@@ -23,6 +23,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from vimexp.ops.fused_mixer import _softplus  # a Triton function: Gluon calls it on its own tensors
+
 N = 16  # states a channel (4 lanes x 4 registers)
 K = 4  # steps a block
 PAD = 8 * K  # rows read past either end of B and C, unmasked (see padded_bc): (2 SETS - 1) K + 3, 31 at SETS 4
@@ -40,21 +42,6 @@ def layouts(warps: int):
                                     lane_bases=[[1, 0, 0], [2, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]],
                                     warp_bases=[[0, 0, 0] for _ in wb], block_bases=[], shape=[4, 4, K])
     return ch, states, bc
-
-
-@gluon.jit
-def _softplus(x):
-    """fused_mixer._softplus in Gluon: max(x, 0) + log1p(e^-|x|), the log1p a degree-8 polynomial."""
-    y = gl.exp2(gl.abs(x) * -1.4426950408889634)
-    q = 0.005253458 * y - 0.029588507
-    q = q * y + 0.07836167
-    q = q * y - 0.1367477
-    q = q * y + 0.1911143
-    q = q * y - 0.2484437
-    q = q * y + 0.3331927
-    q = q * y - 0.49999502
-    q = q * y + 1.0
-    return gl.maximum(x, 0.0) + y * q
 
 
 @gluon.jit
