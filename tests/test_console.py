@@ -79,8 +79,11 @@ def test_ctrl_c_before_any_checkpoint_leaves_no_run_directory(tiny_data, tmp_pat
     out = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "VIMEXP_ROOT": str(tmp_path)}
     args = [*data_overrides(tiny_data), *TINY_RUN, "logger=default", f"hydra.run.dir={out}"]
+    # Ctrl-C as a terminal delivers it: SIGINT not ignored, even where this test runs in a background job, whose
+    # processes inherit SIGINT ignored (then Python raises no KeyboardInterrupt, and the run would go on)
     proc = subprocess.Popen([sys.executable, "-m", "vimexp.train", *args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / ".lock.pid").exists():  # the run has its directory and starts building the model
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
