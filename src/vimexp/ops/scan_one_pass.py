@@ -147,18 +147,18 @@ def _scan_direction(U, BC, DT, Z, A, D, DTB, Y2, L, B, E, CH: gl.constexpr, LS: 
     e0 = gl.program_id(0) * CH
     BL = B * L
     first = gl.program_id(1) * L + DIR * (L - 1)  # the first row in scan order
-    # A and the state, (CH, 4, 4): state n = 4j + s
-    c3 = gl.arange(0, CH, layout=gl.SliceLayout(1, P2))
-    j3 = gl.arange(0, 4, layout=gl.SliceLayout(0, P2))
-    s3 = gl.arange(0, 4, layout=gl.SliceLayout(0, SLJ))
-    e3 = gl.expand_dims(gl.expand_dims(e0 + c3, 1), 2)
-    n3 = gl.expand_dims(gl.expand_dims(j3, 0), 2) * 4 + gl.expand_dims(gl.expand_dims(s3, 0), 0)
-    A3 = gl.load(A + (DIR * E + e3) * N + n3, mask=e3 < E, other=0.0) * 1.4426950408889634  # exp via exp2
-    h = gl.zeros([CH, 4, 4], gl.float32, LS)
-    # per-channel values and pointers (CH, K) at block 0
+    # (CH, K) indices: a lane's channel, and its step k in the per-channel tensors, which is also its j (states
+    # 4j .. 4j+3) in the state tile
     c_p = gl.arange(0, CH, layout=gl.SliceLayout(1, P2))
     k_p = gl.arange(0, Kc, layout=gl.SliceLayout(0, P2))
     e_p = e0 + c_p
+    # A and the state, (CH, 4, 4): state n = 4j + s
+    s3 = gl.arange(0, 4, layout=gl.SliceLayout(0, SLJ))
+    e3 = gl.expand_dims(gl.expand_dims(e_p, 1), 2)
+    n3 = gl.expand_dims(gl.expand_dims(k_p, 0), 2) * 4 + gl.expand_dims(gl.expand_dims(s3, 0), 0)
+    A3 = gl.load(A + (DIR * E + e3) * N + n3, mask=e3 < E, other=0.0) * 1.4426950408889634  # exp via exp2
+    h = gl.zeros([CH, 4, 4], gl.float32, LS)
+    # per-channel values and pointers (CH, K) at block 0
     ok_e = (e_p < E)[:, None]
     Dd = gl.load(D + DIR * E + e_p, mask=e_p < E, other=0.0)[:, None]
     bias = gl.load(DTB + DIR * E + e_p, mask=e_p < E, other=0.0)[:, None]
