@@ -130,8 +130,8 @@ def test_fused_inference_agrees_with_mamba_ssm(name, img_size, batch, precision)
 @pytest.mark.parametrize("config", [0, 1, 2])  # fused_mixer.LANES["CONFIGS"]
 @pytest.mark.parametrize("batch", [8, 64])
 def test_one_pass_scan_agrees_with_the_two_pass_scan(config, batch):
-    """The inference scan (scan_one_pass) in both its launch configurations against the training forward's two-pass
-    scan, float32, at Vim-Ti's 1248 px shapes with random inputs in the range the model sees."""
+    """The inference scan (scan_one_pass) in each of its launch configurations against the training forward's
+    two-pass scan, float32, at Vim-Ti's 1248 px shapes with random inputs in the range the model sees."""
     from vimexp.ops import scan_one_pass
     torch.manual_seed(0)
     length, e, n = 6085, 384, 16
