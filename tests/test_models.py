@@ -39,6 +39,24 @@ def _official_file(tmp_path, model, ema=None):
     return path
 
 
+@pytest.mark.parametrize("stride", [16, 8])  # patches that tile the image (one GEMM), overlapping ones (the conv)
+def test_patch_embedding_is_the_convolution(stride):
+    """The patch embedding against torch's conv2d in float64, forward and the weight's gradient."""
+    from vimexp.models.vim import PatchEmbed
+    torch.manual_seed(0)
+    embed = PatchEmbed(img_size=48, patch_size=16, stride=stride, embed_dim=8).double()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(x, embed.proj.weight, embed.proj.bias, stride=stride).flatten(2).transpose(1, 2)
+    out = embed(x)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    grads = [torch.autograd.grad((y * g).sum(), embed.proj.weight, retain_graph=True)[0] for y in (out, ref)]
+    assert torch.allclose(*grads, rtol=0, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as autocast's conv: bf16 inputs and weights
+        half = embed.float()(x.float())
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.double(), ref, rtol=0.02, atol=0.05)
+
+
 def test_official_checkpoint_loads_raw_and_ema(tmp_path):
     src, ema = create_model("vim_nano", **SMALL), create_model("vim_nano", **SMALL)
     path = _official_file(tmp_path, src, ema)

@@ -206,7 +206,16 @@ class PatchEmbed(nn.Module):
         if tuple(x.shape[-2:]) != self.img_size:
             raise VimexpError(f"input is {tuple(x.shape[-2:])} px but the model was built for {self.img_size}: "
                               "create it with img_size=... (load_checkpoint adapts pos_embed)")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        p = self.proj.kernel_size
+        if self.proj.stride != p:
+            return self.proj(x).flatten(2).transpose(1, 2)
+        # patches that tile the image, as one GEMM: cuDNN's kernel for this convolution took 0.90 ms of a Vim-Ti batch
+        # at 1248 px (batch 8, bf16), the GEMM 0.24 ms; training at 224 px 1.01 -> 0.74 ms (H200)
+        if torch.is_autocast_enabled(x.device.type):  # permute the half-precision copy autocast makes anyway
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        b, c, h, w = x.shape
+        patches = x.reshape(b, c, h // p[0], p[0], w // p[1], p[1]).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 def resample_grid(rows: torch.Tensor, grid_size) -> torch.Tensor:
