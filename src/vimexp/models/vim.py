@@ -210,7 +210,7 @@ class PatchEmbed(nn.Module):
         if self.proj.stride != p:
             return self.proj(x).flatten(2).transpose(1, 2)
         # patches that tile the image, as one GEMM: cuDNN's kernel for this convolution took 0.90 ms of a Vim-Ti batch
-        # at 1248 px (batch 8, bf16), the GEMM 0.24 ms; training at 224 px 1.01 -> 0.74 ms (H200)
+        # at 1248 px (batch 8, bf16), the GEMM 0.24 ms (H200; docs/optimisation.md step 41)
         if torch.is_autocast_enabled(x.device.type):  # permute the half-precision copy autocast makes anyway
             x = x.to(torch.get_autocast_dtype(x.device.type))
         b, c, h, w = x.shape
