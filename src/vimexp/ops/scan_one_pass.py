@@ -102,9 +102,8 @@ def _step(h, A3, dk, duk, Bk, Ck):
 
 
 @gluon.jit
-def _block(h, A3, Dd, bias, u, dt, z, Bt, Ct, PY, i0, L, E, k_p, ok_e, src0, hi1, hi0, SLJ: gl.constexpr,
-           SGN: gl.constexpr):
-    """K steps from state h: SiLU(z) y stored, the state returned."""
+def _block(h, A3, Dd, bias, u, dt, z, Bt, Ct, src0, hi1, hi0, SLJ: gl.constexpr):
+    """K steps from state h: the state, and SiLU(z) y to store."""
     delta = _softplus(dt + bias)
     du = delta * u
     B0, B1, B2, B3 = _steps_of(Bt, SLJ)
@@ -119,8 +118,12 @@ def _block(h, A3, Dd, bias, u, dt, z, Bt, Ct, PY, i0, L, E, k_p, ok_e, src0, hi1
     r1 = gl.where(hi1, y3, y1) + _shfl_xor(gl.where(hi1, y1, y3), 2)
     y = gl.where(hi0, r1, r0) + _shfl_xor(gl.where(hi0, r0, r1), 1) + Dd * u
     sig = 1.0 / (1.0 + gl.exp2(z * -1.4426950408889634))
-    gl.store(PY + SGN * i0 * 2 * E, y * z * sig, mask=ok_e & (i0 + k_p < L)[None, :])
-    return h
+    return h, y * z * sig
+
+
+@gluon.jit
+def _store(PY, out, i0, L, E, k_p, ok_e, SGN: gl.constexpr):
+    gl.store(PY + SGN * i0 * 2 * E, out, mask=ok_e & (i0 + k_p < L)[None, :])
 
 
 @gluon.jit
@@ -199,18 +202,24 @@ def _scan_direction(U, BC, DT, Z, A, D, DTB, Y2, L, B, E, CH: gl.constexpr, LS: 
                 _prefetch(FDT + ahead * E)
                 _prefetch(FZ + ahead * 2 * E)
                 _prefetch(FBC + ahead * 2 * N)
-        h = _block(h, A3, Dd, bias, u, dt, z, Bt, Ct, PY, i0, L, E, k_p, ok_e, src0, hi1, hi0, SLJ, SGN)
+        h, o1 = _block(h, A3, Dd, bias, u, dt, z, Bt, Ct, src0, hi1, hi0, SLJ)
         u, dt, z, Bt, Ct = _load_block(PU, PDT, PZ, PBC, i0 + SETS * Kc, L, E, k_p, ok_e, N, SGN)
-        h = _block(h, A3, Dd, bias, u2, dt2, z2, Bt2, Ct2, PY, i0 + Kc, L, E, k_p, ok_e, src0, hi1, hi0, SLJ, SGN)
+        h, o2 = _block(h, A3, Dd, bias, u2, dt2, z2, Bt2, Ct2, src0, hi1, hi0, SLJ)
         u2, dt2, z2, Bt2, Ct2 = _load_block(PU, PDT, PZ, PBC, i0 + (SETS + 1) * Kc, L, E, k_p, ok_e, N, SGN)
         if SETS >= 3:
-            h = _block(h, A3, Dd, bias, u3, dt3, z3, Bt3, Ct3, PY, i0 + 2 * Kc, L, E, k_p, ok_e, src0, hi1, hi0,
-                       SLJ, SGN)
+            h, o3 = _block(h, A3, Dd, bias, u3, dt3, z3, Bt3, Ct3, src0, hi1, hi0, SLJ)
             u3, dt3, z3, Bt3, Ct3 = _load_block(PU, PDT, PZ, PBC, i0 + (SETS + 2) * Kc, L, E, k_p, ok_e, N, SGN)
         if SETS == 4:
-            h = _block(h, A3, Dd, bias, u4, dt4, z4, Bt4, Ct4, PY, i0 + 3 * Kc, L, E, k_p, ok_e, src0, hi1, hi0,
-                       SLJ, SGN)
+            h, o4 = _block(h, A3, Dd, bias, u4, dt4, z4, Bt4, Ct4, src0, hi1, hi0, SLJ)
             u4, dt4, z4, Bt4, Ct4 = _load_block(PU, PDT, PZ, PBC, i0 + 7 * Kc, L, E, k_p, ok_e, N, SGN)
+        # the stores after every load: the compiler keeps loads behind earlier stores (the pointers may alias), so
+        # a store between blocks would hold the next loads back to the end of the iteration
+        _store(PY, o1, i0, L, E, k_p, ok_e, SGN)
+        _store(PY, o2, i0 + Kc, L, E, k_p, ok_e, SGN)
+        if SETS >= 3:
+            _store(PY, o3, i0 + 2 * Kc, L, E, k_p, ok_e, SGN)
+        if SETS == 4:
+            _store(PY, o4, i0 + 3 * Kc, L, E, k_p, ok_e, SGN)
 
 
 def padded_bc(bc_view: torch.Tensor) -> torch.Tensor:
