@@ -376,10 +376,17 @@ with tempfile.TemporaryDirectory() as tmp:
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     log = subprocess.run([ptxas, "-v", "-arch=sm_90a", os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.o")],
                          capture_output=True, text=True, check=True).stderr
+    sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", os.path.join(tmp, "k.o")],
+                          capture_output=True, text=True, check=True).stdout
+# global loads issued after a store of the same loop iteration (before its branch back)
+late, stored = 0, False
+for line in sass.splitlines():
+    stored = ("STG" in line or stored) and " BRA " not in line and "EXIT" not in line
+    late += stored and "LDG" in line
 print(json.dumps(dict(spill_bytes=sum(map(int, re.findall(r"(\\d+) bytes spill", log))),
                       registers=int(re.findall(r"Used (\\d+) registers", log)[0]),
                       shared=compiled.metadata.shared, barriers="bar.sync" in ptx or "barrier" in ptx,
-                      shuffles=ptx.count("shfl.sync"))))
+                      shuffles=ptx.count("shfl.sync"), loads_after_a_store=late)))
 """
 
 
@@ -387,7 +394,9 @@ print(json.dumps(dict(spill_bytes=sum(map(int, re.findall(r"(\\d+) bytes spill",
 def test_one_pass_scan_compiles_for_sm90_in_registers_and_shuffles(config):
     """The inference scan (Gluon, vimexp.ops.scan_one_pass) compiled for an H100/H200 without a GPU, in a process
     without Triton's interpreter (which cannot build Gluon): no spills, no shared memory, no barrier (its lanes
-    trade values by shuffles alone), which is what made it faster than the two-pass scan. Its numbers are checked
+    trade values by shuffles alone), which is what made it faster than the two-pass scan; and no global load after
+    a store of its loop iteration in the machine code (ptxas keeps a load behind a store it may alias, and the
+    register sets then load a block ahead no more: docs/optimisation.md step 41). Its numbers are checked
     on the GPU (test_inference_path_matches_float64_reference runs it there, tests/test_gpu.py at Vim's shapes)."""
     pytest.importorskip("triton.experimental.gluon")
     import json
@@ -402,3 +411,4 @@ def test_one_pass_scan_compiles_for_sm90_in_registers_and_shuffles(config):
     assert report["spill_bytes"] == 0 and report["shared"] == 0 and not report["barriers"], report
     sets = fused_mixer.LANES["CONFIGS"][config]["SETS"]
     assert report["shuffles"] >= 11 * sets, report  # 8 broadcasts and 3 for the reduce-scatter, a block
+    assert report["loads_after_a_store"] == 0, report  # a store ahead of them holds the next blocks' loads back
