@@ -215,6 +215,22 @@ def test_a_rank_that_stops_answering_fails_the_run_after_the_collective_timeout(
         time.sleep(0.5)
 
 
+@pytest.mark.parametrize("error, says", [
+    (RuntimeError("[gloo/transport/tcp/pair.cc:534] Timed out waiting 15000ms for recv operation to complete"),
+     "stopped answering"),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Application timeout caused pair "
+                  "closure"), "stopped answering"),  # gloo's timeout under a transfer in progress (seen in CI)
+    (RuntimeError("Connection reset by peer"), "ended"),
+    (RuntimeError("CUDA out of memory"), None)])
+def test_a_peer_lost_is_told_apart_from_other_errors(error, says):
+    """The message a rank's error gets (vimexp.train.lost_a_peer): a timeout, in either of gloo's wordings, or a
+    peer gone; anything else is not a lost peer and keeps its own traceback."""
+    from datetime import timedelta
+    from vimexp.train import lost_a_peer
+    told = lost_a_peer(error, 7, timedelta(seconds=15))
+    assert (told is None) if says is None else told.startswith(says) and "step 7" in told
+
+
 def test_a_ddp_child_dies_with_the_first_process_however_it_ends(tmp_path):
     """die_with_parent, as every vimexp command runs it first: a process started with the first process's pid in
     VIMEXP_DDP_PARENT (as ddp_child_command's children are) is killed when that process is killed outright; one

@@ -80,10 +80,13 @@ def run_directory_lock(out: Path):
 
 def lost_a_peer(e: Exception, step: int, timeout) -> str | None:
     """How another process of the run failed this one's collective, if that is what `e` says: it stopped answering
-    (the collective timed out: gloo's message, or NCCL's watchdog) or it is gone (NCCL's error, gloo's closed
+    (the collective timed out: gloo's messages, or NCCL's watchdog) or it is gone (NCCL's error, gloo's closed
     socket)."""
     import torch.distributed as dist
-    if "Timed out waiting" in str(e) or "collective operation timeout" in str(e):
+    # gloo says "Timed out waiting" where its own wait expires, "Application timeout caused pair closure" where the
+    # timeout closed the connection under a send or receive in progress
+    if any(s in str(e) for s in ("Timed out waiting", "collective operation timeout",
+                                 "Application timeout caused pair closure")):
         return (f"stopped answering (a collective waited {timeout} for it at step {step}; "
                 "trainer.strategy.timeout.minutes sets how long)")
     if isinstance(e, dist.DistError) or any(s in str(e) for s in ("Connection reset by peer",
