@@ -7,7 +7,7 @@ so that it needs nothing beyond torch and Triton. Same arguments and results as 
 x_scale, one factor a sample (drop path's), is applied as x * x_scale in x's dtype would be: fused here, it saves
 drop path's two passes over the hidden states a block (forward and backward; 1.2% of a Vim-Ti training step, H200).
 
-Forward: one program a row. Backward: each program walks a range of rows, a few at a time, and keeps its share of
+Forward: one program a tile of rows. Backward: each program walks a range of rows, a few at a time, and keeps its share of
 the weight's gradient in registers, summed over programs at the end (an (N, programs) float32 buffer).
 """
 from typing import Optional
@@ -18,27 +18,32 @@ import triton.language as tl
 
 from vimexp.ops.custom_ops import eager_fast
 
+FWD_ELEMENTS, FWD_WARPS = 2048, 8  # the forward: rows a program x the row rounded up to a power of 2, and warps.
+# Against one row a program (256, 4 warps), kernel alone, H200: 0.84x Vim-Ti at 1248 px batch 8, 0.83x batch 64,
+# 0.75x Vim-Ti training batch 128, 0.99x Vim-S (experiments/results/fused_scan/h200/norm_rows/norm_forward.json)
 BWD_PROGRAMS = 512  # the backward's programs: enough to fill an H200 (132 SMs) several times over
 
 
 @triton.jit
-def _rms_norm_fwd(X, XS, R, W, Y, S, RSTD, N, SAMPLE_ROWS, eps, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                  BN: tl.constexpr):
-    row = tl.program_id(0)
+def _rms_norm_fwd(X, XS, R, W, Y, S, RSTD, M, N, SAMPLE_ROWS, eps, HAS_SCALE: tl.constexpr,
+                  HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BN)
-    ok = cols < N
-    s = tl.load(X + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    at = rows[:, None] * N + cols[None, :]
+    s = tl.load(X + at, mask=ok, other=0.0).to(tl.float32)
     if HAS_SCALE:  # rounded as x * x_scale in x's dtype
-        s = (s * tl.load(XS + row // SAMPLE_ROWS).to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
+        xs = tl.load(XS + rows // SAMPLE_ROWS, mask=rows < M, other=0.0).to(tl.float32)
+        s = (s * xs[:, None]).to(X.dtype.element_ty).to(tl.float32)
     if HAS_RESIDUAL:
-        s += tl.load(R + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+        s += tl.load(R + at, mask=ok, other=0.0).to(tl.float32)
     s = s.to(S.dtype.element_ty)  # the sum as stored (and as the reference normalises it)
-    tl.store(S + row * N + cols, s, mask=ok)
+    tl.store(S + at, s, mask=ok)
     s = s.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / N + eps)
-    tl.store(RSTD + row, rstd)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * N + cols, s * rstd * w, mask=ok)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
+    tl.store(RSTD + rows, rstd, mask=rows < M)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(Y + at, s * rstd[:, None] * w[None, :], mask=ok)
 
 
 @triton.jit
@@ -89,8 +94,11 @@ def _forward_impl(x: torch.Tensor, x_scale: Optional[torch.Tensor], residual: Op
     y = torch.empty_like(x)
     s = torch.empty(m, n, device=x.device, dtype=_sum_dtype(x, residual, residual_in_fp32))
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-    _rms_norm_fwd[(m,)](x, x_scale, residual, weight, y, s, rstd, n, _sample_rows(m, x_scale), eps,
-                        HAS_SCALE=x_scale is not None, HAS_RESIDUAL=residual is not None, BN=triton.next_power_of_2(n))
+    bn = triton.next_power_of_2(n)
+    bm = max(1, FWD_ELEMENTS // bn)
+    _rms_norm_fwd[(triton.cdiv(m, bm),)](x, x_scale, residual, weight, y, s, rstd, m, n, _sample_rows(m, x_scale),
+                                         eps, HAS_SCALE=x_scale is not None, HAS_RESIDUAL=residual is not None,
+                                         BM=bm, BN=bn, num_warps=FWD_WARPS)
     return y, s, rstd
 
 
