@@ -26,15 +26,17 @@ def _on_device(dm, samples):
     return dm.on_after_batch_transfer(batch, 0)
 
 
-@pytest.mark.parametrize("split, re_prob, re_count", [("train", 0.0, 1), ("train", 1.0, 1), ("train", 1.0, 3),
-                                                      ("val", 0.0, 1)])
-def test_uint8_batches_end_as_timms_float_pipeline_makes_them(tiny_data, split, re_prob, re_count):
+@pytest.mark.parametrize("split, re_prob, re_count, rand_augment_on", [
+    ("train", 0.0, 1, "workers"), ("train", 1.0, 1, "workers"), ("train", 1.0, 3, "workers"), ("val", 0.0, 1, "workers"),
+    ("train", 0.0, 1, "device"), ("train", 1.0, 3, "device")])
+def test_uint8_batches_end_as_timms_float_pipeline_makes_them(tiny_data, split, re_prob, re_count, rand_augment_on):
     """The same keys give what timm's float transforms give in the worker, to float rounding: the augmentations
     (RandAugment filling with this data's mean colour) and the erasing boxes draw the same numbers, only the
-    normalising and erasing moved ('const' erasing, so that the fills compare too)."""
+    normalising and erasing moved ('const' erasing, so that the fills compare too), and with
+    rand_augment_on=device RandAugment too."""
     common = dict(auto_augment="rand-m9-mstd0.5-inc1", scale=(0.5, 1.0), re_prob=re_prob, re_mode="const",
                   re_count=re_count)
-    dm = _datamodule(tiny_data, **common)
+    dm = _datamodule(tiny_data, rand_augment_on=rand_augment_on, **common)
     float_tf = create_transform(32, is_training=split == "train", hflip=0.5, color_jitter=0.3, interpolation="bicubic",
                                 crop_pct=0.875, mean=MEAN, std=STD, **common)
     reference = CheckedImageFolder(tiny_data / split, float_tf)

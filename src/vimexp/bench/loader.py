@@ -4,7 +4,9 @@
 
 Its img/s beside a model step's (bench=train) says whether a run can be loader-bound: on the H200 host, DeiT's
 ImageNet pipeline decoded 187 photo-sized JPEGs a second a worker (docs/optimisation.md, step 31). By default it times
-that pipeline on JPEGs it generates once (`bench.root`, `bench.generate`). Writes results.json to out_dir.
+that pipeline on JPEGs it generates once (`bench.root`, `bench.generate`). On a GPU it also times the device's half of
+a batch (the transfer hooks: RandAugment's records applied where data.rand_augment_on=device, normalising, erasing).
+Writes results.json to out_dir.
 """
 import os
 import time
@@ -37,6 +39,22 @@ def images_per_second(loader, rounds: int) -> float:
     return images / (time.perf_counter() - start)
 
 
+def device_ms_per_batch(data, batch, repeats: int = 20) -> float:
+    """The device's time for one batch's transfer hooks, in milliseconds (CUDA events, after a warm-up)."""
+    def once():
+        moved = data.transfer_batch_to_device(data.on_before_batch_transfer(batch, 0), torch.device("cuda"), 0)
+        data.on_after_batch_transfer(moved, 0)
+    once()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        once()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def run(cfg) -> dict:
     b = cfg.bench
     overrides = list(b.train_overrides)
@@ -49,9 +67,12 @@ def run(cfg) -> dict:
         data = instantiate(compose_train([*overrides, f"data.batch_size={b.batch}", f"data.num_workers={workers}",
                                            "paths.output_dir=."]).data)
         data.setup("fit")
-        rate = images_per_second(data.train_dataloader(), b.rounds)
+        loader = data.train_dataloader()
+        rate = images_per_second(loader, b.rounds)
         row = {"workers": workers, "img_per_sec": round(rate, 1),
                "img_per_sec_per_worker": round(rate / workers, 1) if workers else None}
+        if torch.cuda.is_available():
+            row["device_ms_per_batch"] = round(device_ms_per_batch(data, next(iter(loader))), 3)
         record["rows"].append(row)
         say(f"{workers:3d} workers: {rate:8.1f} img/s" + (f", {rate / workers:6.1f} a worker" if workers else ""))
     out = Path(cfg.out_dir)

@@ -18,6 +18,7 @@ from torchvision.transforms import Compose
 
 from vimexp import VimexpError
 from vimexp.data import compat  # noqa: F401  (RandAugment on current Pillow)
+from vimexp.data.device_augment import RecordedRandAugment, apply_records, layer_counts
 from vimexp.data.sampling import ShardedDataModule, seeded
 from vimexp.data.synthetic import ensure_imagefolder
 
@@ -86,8 +87,10 @@ class ImageFolderDataModule(ShardedDataModule):
                  generate_params=None, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, re_prob=0.25,
                  re_mode="pixel", re_count=1, hflip=0.5, scale=(0.08, 1.0), interpolation="bicubic",
                  crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), repeated_aug=True,
-                 mixup_group=128, pin_memory=True, val_split="val", seed=0):
+                 mixup_group=128, pin_memory=True, val_split="val", seed=0, rand_augment_on="workers"):
         super().__init__()
+        if rand_augment_on not in ("workers", "device"):
+            raise VimexpError(f"data.rand_augment_on={rand_augment_on} is not a place: use workers or device")
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self._moments_on = self._erase_generator = None  # made on the batches' device at their first transfer
@@ -108,20 +111,26 @@ class ImageFolderDataModule(ShardedDataModule):
         common = dict(input_size=h.img_size, interpolation=h.interpolation, mean=h.mean, std=h.std, use_prefetcher=True)
         train_tf = create_transform(**common, is_training=True, scale=tuple(h.scale), hflip=h.hflip,
                                     color_jitter=h.color_jitter, auto_augment=h.auto_augment)
-        train_tf = Compose([train_tf, EraseBoxes(h.re_prob, h.re_count)])
+        train_tf = Compose([*train_tf.transforms, EraseBoxes(h.re_prob, h.re_count)])
+        if h.rand_augment_on == "device" and h.auto_augment:  # the workers draw RandAugment's ops, the device applies them
+            train_tf = RecordedRandAugment(train_tf)
         eval_tf = create_transform(**common, is_training=False, crop_pct=h.crop_pct)
         self.train_set = CheckedImageFolder(self.root / "train", train_tf, seed=self.hparams.seed)
         self.val_set = CheckedImageFolder(self.root / val_split, eval_tf)
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         images, targets = batch
-        if isinstance(images, (list, tuple)):  # training: the erasing boxes, read here so that the device never syncs
-            images, boxes = images
-            return images, targets, boxes.tolist()
-        return images, targets, None
+        if isinstance(images, (list, tuple)):  # training: boxes and op counts read here, so that the device never syncs
+            images, boxes, *records = images  # records: data.rand_augment_on=device's
+            records = records[0] if records else None
+            counts = None if records is None else layer_counts(records)
+            return images, targets, boxes.tolist(), records, counts
+        return images, targets, None, None, None
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        images, targets, boxes = batch
+        images, targets, boxes, records, counts = batch
+        if records is not None:
+            images = apply_records(images, records, counts)
         mean, std = self._moments(images.device)
         images = (images.float() - mean) / std
         if boxes:

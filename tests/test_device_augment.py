@@ -1,0 +1,147 @@
+"""RandAugment on the device (data.rand_augment_on=device) against Pillow itself: each op on its own, pixel for pixel,
+and timm's whole train pipeline, image for image."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import auto_augment as timm_aa
+
+from vimexp.data import compat, device_augment as da
+
+BILINEAR, BICUBIC = Image.Resampling.BILINEAR, Image.Resampling.BICUBIC
+FILL = (124, 116, 104)
+
+
+def picture(seed, size=(47, 38), lo=0, hi=256):
+    """Texture, edges and a gradient, so that every filter tap and rounding is exercised."""
+    g = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = (xx * 255 / w)[..., None] * np.array([1.0, 0.5, 0.2]) + (yy * 255 / h)[..., None] * np.array([0, 0.5, 0.8])
+    noise = g.integers(-60, 60, (h, w, 3))
+    img = np.clip(base + noise, lo, hi - 1).astype(np.uint8)
+    img[h // 3:h // 2, w // 4:w // 2] = g.integers(lo, hi, 3)  # a flat block with hard edges
+    return Image.fromarray(img)
+
+
+def on_device(img, fn, *args, device="cpu", **kwargs):
+    """Record timm's call of `fn`, then apply the record to the image as a batch of one on `device`."""
+    record = da._RECORDERS[fn](img, *args, **kwargs)
+    records = torch.zeros(1, 1, da.RECORD, dtype=torch.float64)
+    records[0, 0, :len(record)] = torch.tensor(record, dtype=torch.float64)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
+    out = da.apply_records(x.to(device), records.to(device), da.layer_counts(records))
+    return out[0].permute(1, 2, 0).cpu().numpy()
+
+
+def assert_same(img, fn, *args, device="cpu", **kwargs):
+    expected = np.asarray(fn(img, *args, **dict(kwargs)))
+    got = on_device(img, fn, *args, device=device, **kwargs)
+    diff = np.abs(expected.astype(int) - got.astype(int))
+    assert diff.max() == 0, f"{fn.__name__}{args}: {np.count_nonzero(diff)} pixels differ, max {diff.max()}"
+
+
+def test_auto_contrast_equals_pillow_over_ranges():
+    rng = random.Random(2)
+    for seed in range(40):
+        lo = rng.randrange(0, 120)
+        assert_same(picture(seed, lo=lo, hi=rng.randrange(lo + 2, 257)), timm_aa.auto_contrast)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lookup_ops_equal_pillow(seed):
+    img = picture(seed)
+    assert_same(img, timm_aa.invert)
+    assert_same(img, timm_aa.equalize)
+    assert_same(img, timm_aa.auto_contrast)
+    assert_same(picture(seed, lo=40, hi=201), timm_aa.auto_contrast)  # a stretched range
+    assert_same(picture(seed, lo=17, hi=160), timm_aa.equalize)
+    for bits in range(0, 9):
+        assert_same(img, compat.posterize, bits)
+    for thresh in (0, 1, 77, 128, 200, 255, 256):
+        assert_same(img, timm_aa.solarize, thresh)
+    for add in (0, 1, 50, 110):
+        assert_same(img, timm_aa.solarize_add, add)
+
+
+def test_flat_and_two_valued_images_equal_pillow():
+    flat = Image.new("RGB", (20, 16), (90, 90, 200))
+    two = Image.fromarray(np.where(np.arange(16 * 20).reshape(16, 20, 1) % 7 == 0, 250, 3).astype(np.uint8)
+                          .repeat(3, 2))
+    for img in (flat, two):
+        for fn in (timm_aa.equalize, timm_aa.auto_contrast):
+            assert_same(img, fn)
+
+
+@pytest.mark.parametrize("fn", [timm_aa.color, timm_aa.contrast, timm_aa.brightness, timm_aa.sharpness])
+def test_enhance_ops_equal_pillow(fn):
+    rng = random.Random(0)
+    factors = [0.0, 1.0, 0.1, 0.5, 1.9] + [rng.uniform(0.1, 1.9) for _ in range(8)]
+    for seed, factor in enumerate(factors):
+        assert_same(picture(seed), fn, factor)
+
+
+@pytest.mark.parametrize("resample", [BILINEAR, BICUBIC])
+def test_affine_ops_equal_pillow(resample):
+    rng = random.Random(1)
+    kw = dict(fillcolor=FILL, resample=resample)
+    for seed in range(6):
+        img = picture(seed)
+        assert_same(img, timm_aa.shear_x, rng.uniform(-0.3, 0.3), **kw)
+        assert_same(img, timm_aa.shear_y, rng.uniform(-0.3, 0.3), **kw)
+        assert_same(img, timm_aa.translate_x_rel, rng.uniform(-0.45, 0.45), **kw)
+        assert_same(img, timm_aa.translate_y_rel, rng.uniform(-0.45, 0.45), **kw)
+        assert_same(img, timm_aa.translate_x_abs, rng.uniform(-20, 20), **kw)
+        assert_same(img, timm_aa.rotate, rng.uniform(-30, 30), **kw)
+    assert_same(picture(9), timm_aa.rotate, 0.0, **kw)
+    assert_same(picture(9, size=(32, 32)), timm_aa.rotate, 90.0, **kw)
+
+
+def test_imagenet_pipeline_gives_the_workers_images(tmp_path):
+    """DeiT's train pipeline at 224 px on ImageNet-sized JPEGs: with RandAugment on the device, every image of the
+    batch equals the one the workers make with timm's Pillow RandAugment, for the same sample keys; and the
+    records exercise every op."""
+    from torch.utils.data import default_collate
+
+    from vimexp.data.imagefolder import ImageFolderDataModule
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                picture(10 * c + i, size=(500, 375)).save(tmp_path / split / f"c{c}" / f"{i}.jpg", quality=90)
+    batches, ops = {}, set()
+    for where in ("workers", "device"):
+        dm = ImageFolderDataModule(tmp_path, num_classes=2, batch_size=64, num_workers=0, rand_augment_on=where)
+        dm.setup()
+        samples = [dm.train_set[(i, epoch, (0, 0))] for epoch in range(24) for i in range(8)]
+        batch = dm.on_before_batch_transfer(default_collate(samples), 0)
+        if where == "device":
+            ops = set(batch[3][:, :, 0].flatten().long().tolist())
+        batches[where] = dm.on_after_batch_transfer(batch, 0)[0]
+    assert ops == set(range(da.CODES)) - {da.AFFINE_BILINEAR}  # DeiT's bicubic: every op, and 'none', drawn
+    assert torch.equal(batches["workers"], batches["device"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_op_equals_pillow_on_the_gpu():
+    """CUDA rounds as the CPU does here: no fused multiply-adds across the ops' steps, no reciprocal divisions."""
+    rng = random.Random(3)
+    kw = dict(fillcolor=FILL, device="cuda")
+    for seed in range(8):
+        img = picture(seed, size=(224, 224))
+        for fn in (timm_aa.invert, timm_aa.equalize, timm_aa.auto_contrast):
+            assert_same(img, fn, device="cuda")
+        assert_same(picture(seed, lo=rng.randrange(0, 90), hi=rng.randrange(160, 257)), timm_aa.auto_contrast,
+                    device="cuda")
+        assert_same(img, compat.posterize, rng.randrange(0, 9), device="cuda")
+        assert_same(img, timm_aa.solarize, rng.randrange(0, 257), device="cuda")
+        assert_same(img, timm_aa.solarize_add, rng.randrange(0, 111), device="cuda")
+        for fn in (timm_aa.color, timm_aa.contrast, timm_aa.brightness, timm_aa.sharpness):
+            assert_same(img, fn, rng.uniform(0.1, 1.9), device="cuda")
+        for resample in (BILINEAR, BICUBIC):
+            assert_same(img, timm_aa.shear_x, rng.uniform(-0.3, 0.3), resample=resample, **kw)
+            assert_same(img, timm_aa.translate_y_rel, rng.uniform(-0.45, 0.45), resample=resample, **kw)
+            assert_same(img, timm_aa.rotate, rng.uniform(-30, 30), resample=resample, **kw)
