@@ -145,3 +145,25 @@ def test_every_op_equals_pillow_on_the_gpu():
             assert_same(img, timm_aa.shear_x, rng.uniform(-0.3, 0.3), resample=resample, **kw)
             assert_same(img, timm_aa.translate_y_rel, rng.uniform(-0.45, 0.45), resample=resample, **kw)
             assert_same(img, timm_aa.rotate, rng.uniform(-30, 30), resample=resample, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_is_augmented_without_waiting_for_the_gpu():
+    """No op copies from the host or reads back: a sync would stall the training step queued before it."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 224, 224), dtype=torch.uint8, generator=g)
+    records = torch.zeros(64, 2, da.RECORD, dtype=torch.float64)
+    records[:, :, 0] = torch.randint(0, da.CODES, (64, 2), generator=g)
+    records[:, :, 1] = 0.7  # a factor, a bit count, a threshold or the affine matrix's first entry
+    records[:, :, 2:7] = torch.tensor([0.1, 3.0, 0.05, 1.0, -2.0], dtype=torch.float64)
+    records[:, :, 7:10] = 100.0
+    counts = da.layer_counts(records)
+    images, records = images.cuda(), records.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        da.apply_records(images, records, counts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

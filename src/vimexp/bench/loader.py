@@ -39,20 +39,23 @@ def images_per_second(loader, rounds: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def device_ms_per_batch(data, batch, repeats: int = 20) -> float:
-    """The device's time for one batch's transfer hooks, in milliseconds (CUDA events, after a warm-up)."""
+def device_ms_per_batch(data, batch, repeats: int = 20) -> tuple[float, float]:
+    """One batch's transfer hooks, in milliseconds: the host's time to enqueue them and the device's to run them
+    (CUDA events), after a warm-up."""
     def once():
         moved = data.transfer_batch_to_device(data.on_before_batch_transfer(batch, 0), torch.device("cuda"), 0)
         data.on_after_batch_transfer(moved, 0)
     once()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
+    host = time.perf_counter()
     start.record()
     for _ in range(repeats):
         once()
     end.record()
+    host = time.perf_counter() - host
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+    return 1e3 * host / repeats, start.elapsed_time(end) / repeats
 
 
 def run(cfg) -> dict:
@@ -72,7 +75,8 @@ def run(cfg) -> dict:
         row = {"workers": workers, "img_per_sec": round(rate, 1),
                "img_per_sec_per_worker": round(rate / workers, 1) if workers else None}
         if torch.cuda.is_available():
-            row["device_ms_per_batch"] = round(device_ms_per_batch(data, next(iter(loader))), 3)
+            host, device = device_ms_per_batch(data, next(iter(loader)))
+            row.update(hooks_host_ms_per_batch=round(host, 3), hooks_device_ms_per_batch=round(device, 3))
         record["rows"].append(row)
         say(f"{workers:3d} workers: {rate:8.1f} img/s" + (f", {rate / workers:6.1f} a worker" if workers else ""))
     out = Path(cfg.out_dir)

@@ -156,8 +156,9 @@ def _each(values: torch.Tensor) -> torch.Tensor:
 
 def _exact(value, like, dtype=torch.float64) -> torch.Tensor:
     """A number as a tensor on `like`'s device: torch divides a number by a tensor, and on CUDA a tensor by a
-    number, through a reciprocal, which rounds differently from Pillow's division."""
-    return torch.tensor(value, dtype=dtype, device=like.device)
+    number, through a reciprocal, which rounds differently from Pillow's division. Filled there, not copied
+    (a copy from the host would wait for the device)."""
+    return torch.full((), value, dtype=dtype, device=like.device)
 
 
 def _posterize(x, a):
@@ -224,12 +225,11 @@ def _sharpness(x, a):
     """ImageFilter.SMOOTH (3x3, weights 1 and centre 5, over 13; Filter.c: float32, rows summed from y+1 to y-1,
     +0.5 and truncated; the border copied) as the degenerate image."""
     f = x.float()
-    k = torch.tensor([1.0, 5.0], device=x.device) / _exact(13.0, x, torch.float32)
-    side, centre = k[0], k[1]
+    side, centre = (_exact(w, x, torch.float32) / _exact(13.0, x, torch.float32) for w in (1.0, 5.0))
 
     def row(r, middle):  # Filter.c's KERNEL1x3 over the interior columns
         return (r[..., :-2] * side + r[..., 1:-1] * middle) + r[..., 2:] * side
-    ss = torch.tensor(0.5, device=x.device) + row(f[:, :, 2:], side)
+    ss = _exact(0.5, x, torch.float32) + row(f[:, :, 2:], side)
     ss = ss + row(f[:, :, 1:-1], centre)
     ss = ss + row(f[:, :, :-2], side)
     smooth = x.clone()
