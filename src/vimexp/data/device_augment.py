@@ -2,7 +2,9 @@
 Pillow's arithmetic, so that the images equal the workers' own (`data.rand_augment_on=device`).
 
 Why: on a 16-core H200 host the workers bound the Vim-Ti CLI, and RandAugment is about a third of a worker's time
-an image (docs/optimisation.md, steps 31 and 43). The worker runs timm's own RandAugment object with each op's image
+an image (docs/optimisation.md, step 31). Measured there, the workers gain 32% but the device's half costs 14.7 ms a
+batch of 128 in many small kernels, so the CLI is slower today and `workers` stays the default
+(experiments/results/loader/device_rand_augment/). The worker runs timm's own RandAugment object with each op's image
 function swapped for a recorder, so every random draw (the ops, their application, magnitude and sign, the
 resampling filter) is timm's, in timm's order; the record of each op travels with the image. Written by hand
 because no library applies Pillow's integer and float rounding to batches: each op follows Pillow's C code
