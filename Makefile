@@ -27,7 +27,7 @@ test: $(ENV)  ## the CPU test suite (what CI runs)
 
 gpu-test:  ## on a CUDA machine: GPU tests (those against mamba-ssm skip without it; JSON in experiments/results/), then the fused kernels' tests natively
 	$(PY) -m pytest -q -rP tests/test_gpu.py tests/test_cuda_graph.py tests/test_fused_mixer.py
-	$(PY) -m pytest -q -rP -m gpu tests/test_distributed.py
+	$(PY) -m pytest -q -rP -m gpu tests/test_distributed.py tests/test_device_augment.py
 
 PRESET ?= builtin
 TABLE_ARGS ?=

@@ -32,7 +32,7 @@ def on_device(img, fn, *args, device="cpu", **kwargs):
     records = torch.zeros(1, 1, da.RECORD, dtype=torch.float64)
     records[0, 0, :len(record)] = torch.tensor(record, dtype=torch.float64)
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
-    out = da.apply_records(x.to(device), records.to(device), da.layer_counts(records))
+    out = da.apply_records(x.to(device), records.to(device))
     return out[0].permute(1, 2, 0).cpu().numpy()
 
 
@@ -127,7 +127,8 @@ def test_imagenet_pipeline_gives_the_workers_images(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_every_op_equals_pillow_on_the_gpu():
-    """CUDA rounds as the CPU does here: no fused multiply-adds across the ops' steps, no reciprocal divisions."""
+    """CUDA rounds as the CPU does here: no fused multiply-adds in the kernel or across the ops' steps, no reciprocal
+    divisions."""
     rng = random.Random(3)
     kw = dict(fillcolor=FILL, device="cuda")
     for seed in range(8):
@@ -158,12 +159,11 @@ def test_a_batch_is_augmented_without_waiting_for_the_gpu():
     records[:, :, 1] = 0.7  # a factor, a bit count, a threshold or the affine matrix's first entry
     records[:, :, 2:7] = torch.tensor([0.1, 3.0, 0.05, 1.0, -2.0], dtype=torch.float64)
     records[:, :, 7:10] = 100.0
-    counts = da.layer_counts(records)
     images, records = images.cuda(), records.cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        da.apply_records(images, records, counts)
+        da.apply_records(images, records)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -14,8 +14,12 @@ with no fused multiply-adds. tests/test_device_augment.py checks each op, and wh
 """
 import copy
 import math
+import os
 
+import numpy as np
 import torch
+import triton
+import triton.language as tl
 from PIL import Image
 from timm.data import auto_augment as timm_aa
 from timm.data.auto_augment import RandAugment
@@ -29,6 +33,8 @@ RECORD = 10
 NONE, AUTO_CONTRAST, EQUALIZE, INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD, COLOR, CONTRAST, BRIGHTNESS, SHARPNESS, \
     AFFINE_BILINEAR, AFFINE_BICUBIC = range(13)
 CODES = 13
+_COLOR, _SHARPNESS, _AFFINE_BILINEAR, _AFFINE_BICUBIC, _ARGS = (tl.constexpr(x) for x in (
+    COLOR, SHARPNESS, AFFINE_BILINEAR, AFFINE_BICUBIC, RECORD - 1))  # for the kernel
 _AFFINE = {Image.Resampling.BILINEAR: AFFINE_BILINEAR, Image.Resampling.BICUBIC: AFFINE_BICUBIC}
 
 
@@ -130,26 +136,46 @@ class RecordedRandAugment:
         return image, boxes, records
 
 
-def layer_counts(records: torch.Tensor) -> list[list[int]]:
-    """Images a code in each layer, read on the host before the transfer (the device then never syncs)."""
-    codes = records[:, :, 0].long()
-    return [torch.bincount(codes[:, layer], minlength=CODES).tolist() for layer in range(codes.shape[1])]
-
-
 # ---- the device's half: the records applied, with Pillow's arithmetic ----
 
-def apply_records(images: torch.Tensor, records: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
-    """images (B, 3, H, W) uint8; records (B, layers, RECORD) on their device; counts from `layer_counts`.
-    Records are applied in order (layer 0 on every image, then layer 1 ...) in groups of one op each."""
-    for layer, per_code in enumerate(counts):
-        order = torch.argsort(records[:, layer, 0], stable=True)  # images sorted by code, as bincount counts them
-        start = per_code[NONE]
-        for code in range(1, CODES):
-            if per_code[code]:
-                index = order[start:start + per_code[code]]
-                images[index] = _OPS[code](images[index], records[index, layer, 1:])
-                start += per_code[code]
+def apply_records(images: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) uint8; records (B, layers, RECORD) on their device. Layer by layer, every image's op in
+    one launch: the point ops as a look-up table a channel (built for the whole batch), colour, sharpness and the
+    affine ops in the kernel. Shapes never depend on the draws, so the host never waits for the device."""
+    if not images.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise VimexpError("data.rand_augment_on=device needs a CUDA device: set data.rand_augment_on=workers")
+    images = images.contiguous()  # the kernel's layout
+    n, _, h, w = images.shape
+    block = triton.next_power_of_2(h * w) if not images.is_cuda else BLOCK  # the interpreter: an image a program
+    side, centre = (float(np.float32(x) / np.float32(13)) for x in (1, 5))  # SMOOTH's weights, float32
+    for layer in range(records.shape[1]):
+        codes, args = records[:, layer, 0], records[:, layer, 1:].contiguous()
+        tables = _lookup_tables(images, codes, args)
+        out = torch.empty_like(images)
+        _apply_layer[(n, triton.cdiv(h * w, block))](
+            images, out, codes.to(torch.int32), args, tables, side, centre, h, w, BLOCK=block,
+            enable_fp_fusion=False)  # Pillow rounds each product and sum
+        images = out
     return images
+
+
+BLOCK = 1024  # output pixels a program (all three channels)
+
+
+def _lookup_tables(x: torch.Tensor, codes: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Each image's point op as a table a channel, (B, 3, 256) uint8 (the identity for the other ops): each op's
+    arithmetic applied to the values 0..255 as a one-row image, with the statistics of the image itself."""
+    n = x.shape[0]
+    v = torch.arange(256, device=x.device, dtype=torch.uint8).expand(n, 3, 1, 256)
+    tables = {
+        AUTO_CONTRAST: _auto_contrast(v, x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)),
+        EQUALIZE: _equalize(x), INVERT: 255 - v, POSTERIZE: _posterize(v, a), SOLARIZE: _solarize(v, a),
+        SOLARIZE_ADD: _solarize_add(v, a), CONTRAST: _contrast(v, a, x), BRIGHTNESS: _brightness(v, a),
+    }
+    out = v
+    for code, table in tables.items():
+        out = torch.where(_each(codes == code), table, out)
+    return out.reshape(n, 3, 256).contiguous()
 
 
 def _each(values: torch.Tensor) -> torch.Tensor:
@@ -178,15 +204,14 @@ def _solarize_add(x, a):
     return torch.where(x < _each(a[:, 1]), added, x)
 
 
-def _auto_contrast(x, a):  # ImageOps.autocontrast, cutoff 0: each channel's range stretched to 0..255
-    lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+def _auto_contrast(x, lo, hi):  # ImageOps.autocontrast, cutoff 0: each channel's range (lo, hi) stretched to 0..255
     scale = _exact(255.0, x) / (hi.double() - lo.double())
     offset = -lo.double() * scale
     out = torch.trunc(x.double() * scale + offset).clamp(0, 255)
     return torch.where(hi > lo, out.nan_to_num(0).to(torch.uint8), x)
 
 
-def _equalize(x, a):  # ImageOps.equalize: each channel's look-up table from its histogram
+def _equalize(x):  # ImageOps.equalize: each channel's look-up table from its histogram, (n, c, 1, 256)
     n, c, h, w = x.shape
     flat = x.reshape(n * c, h * w).long()
     hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
@@ -195,12 +220,7 @@ def _equalize(x, a):  # ImageOps.equalize: each channel's look-up table from its
     lut = (step // 2 + hist.cumsum(1) - hist) // step.clamp(min=1)
     identity = ((hist > 0).sum(1, keepdim=True) <= 1) | (step == 0)
     lut = torch.where(identity, torch.arange(256, device=x.device), lut).clamp(0, 255)
-    return lut.gather(1, flat).to(torch.uint8).reshape(n, c, h, w)
-
-
-def _grey(x):  # Convert.c's RGB -> L: ITU-R 601-2 weights in 16-bit fixed point
-    r, g, b = x.int().unbind(1)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16)[:, None]
+    return lut.to(torch.uint8).reshape(n, c, 1, 256)
 
 
 def _blend(degenerate, image, factor):
@@ -210,76 +230,114 @@ def _blend(degenerate, image, factor):
     return (degenerate + alpha * (image.float() - degenerate)).clamp(0, 255).to(torch.uint8)
 
 
-def _color(x, a):
-    return _blend(_grey(x).expand_as(x), x, a[:, 0])
+def _contrast(v, a, image):  # the degenerate image: the grey level's mean (Convert.c's weights), rounded half up
+    r, g, b = image.int().unbind(1)
+    grey = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+    mean = grey.sum(dim=(1, 2), dtype=torch.float64) / _exact(grey.shape[1] * grey.shape[2], image)
+    return _blend(_each(torch.floor(mean + 0.5)).expand_as(v), v, a[:, 0])
 
 
-def _contrast(x, a):  # the degenerate image: the grey level's mean, rounded half up
-    mean = _grey(x).sum(dim=(1, 2, 3), dtype=torch.float64) / _exact(x.shape[2] * x.shape[3], x)
-    return _blend(_each(torch.floor(mean + 0.5)).expand_as(x), x, a[:, 0])
+def _brightness(v, a):
+    return _blend(torch.zeros_like(v), v, a[:, 0])
 
 
-def _brightness(x, a):
-    return _blend(torch.zeros_like(x), x, a[:, 0])
+# Colour, sharpness and the affine ops read other pixels than their own: a kernel, one program a tile of an image,
+# that branches on the image's op. Float32 where Pillow computes in float, float64 where it computes in double.
+
+@triton.jit
+def _blend_tl(degenerate, image, alpha):  # Blend.c, as _blend
+    return tl.minimum(tl.maximum(degenerate + alpha * (image - degenerate), 0.0), 255.0).to(tl.uint8)
 
 
-def _sharpness(x, a):
-    """ImageFilter.SMOOTH (3x3, weights 1 and centre 5, over 13; Filter.c: float32, rows summed from y+1 to y-1,
-    +0.5 and truncated; the border copied) as the degenerate image."""
-    f = x.float()
-    side, centre = (_exact(w, x, torch.float32) / _exact(13.0, x, torch.float32) for w in (1.0, 5.0))
-
-    def row(r, middle):  # Filter.c's KERNEL1x3 over the interior columns
-        return (r[..., :-2] * side + r[..., 1:-1] * middle) + r[..., 2:] * side
-    ss = _exact(0.5, x, torch.float32) + row(f[:, :, 2:], side)
-    ss = ss + row(f[:, :, 1:-1], centre)
-    ss = ss + row(f[:, :, :-2], side)
-    smooth = x.clone()
-    smooth[:, :, 1:-1, 1:-1] = ss.clamp(0, 255).to(torch.uint8)
-    return _blend(smooth, x, a[:, 0])
+@triton.jit
+def _tap(img, at, ok, offset):  # the pixel `offset` away, each channel, float32
+    return tl.load(img + at + offset, mask=ok, other=0).to(tl.float32)
 
 
+@triton.jit
 def _cubic(v1, v2, v3, v4, d):  # Geometry.c's BICUBIC, in its order of operations
     p2 = -v1 + v3
-    p3 = 2 * (v1 - v2) + v3 - v4
+    p3 = 2.0 * (v1 - v2) + v3 - v4
     p4 = -v1 + v2 - v3 + v4
     return v2 + d * (p2 + d * (p3 + d * p4))
 
 
-def _affine(x, a, cubic):
-    """Image.transform(AFFINE) with Geometry.c's bilinear or bicubic filter (float64, edge pixels repeated);
-    output pixels whose source falls outside the image keep the fill colour."""
-    n, c, h, w = x.shape
-    m = [a[:, i, None, None] for i in range(6)]  # (n, 1, 1)
-    xs = torch.arange(w, dtype=torch.float64, device=x.device) + 0.5
-    ys = (torch.arange(h, dtype=torch.float64, device=x.device) + 0.5)[:, None]
-    xin = m[0] * xs + m[1] * ys + m[2]
-    yin = m[3] * xs + m[4] * ys + m[5]
-    inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
+@triton.jit
+def _source(img, channel, ok, row, col, H, W):  # a source pixel, edges repeated, float64
+    row = tl.minimum(tl.maximum(row, 0), H - 1)
+    col = tl.minimum(tl.maximum(col, 0), W - 1)
+    return tl.load(img + channel + (row * W + col)[None, :], mask=ok, other=0).to(tl.float64)
+
+
+@triton.jit
+def _affine_row(img, channel, ok, row, x0, dx, H, W, CUBIC: tl.constexpr):
+    if CUBIC:
+        return _cubic(_source(img, channel, ok, row, x0 - 1, H, W), _source(img, channel, ok, row, x0, H, W),
+                      _source(img, channel, ok, row, x0 + 1, H, W), _source(img, channel, ok, row, x0 + 2, H, W), dx)
+    else:
+        v0 = _source(img, channel, ok, row, x0, H, W)
+        return v0 + (_source(img, channel, ok, row, x0 + 1, H, W) - v0) * dx
+
+
+@triton.jit
+def _affine(img, channel, ok, args, c, p, H, W, CUBIC: tl.constexpr):
+    """Image.transform(AFFINE) with Geometry.c's bilinear or bicubic filter (edge pixels repeated); output pixels
+    whose source falls outside the image keep the fill colour."""
+    xs = (p % W).to(tl.float64) + 0.5
+    ys = (p // W).to(tl.float64) + 0.5
+    xin = tl.load(args) * xs + tl.load(args + 1) * ys + tl.load(args + 2)
+    yin = tl.load(args + 3) * xs + tl.load(args + 4) * ys + tl.load(args + 5)
+    inside = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
     xin, yin = xin - 0.5, yin - 0.5
-    x0, y0 = torch.floor(xin), torch.floor(yin)
-    dx, dy = (xin - x0)[:, None], (yin - y0)[:, None]  # (n, 1, h, w)
-    x0, y0 = x0.long(), y0.long()
-    flat = x.reshape(n, c, h * w)
-    taps = range(-1, 3) if cubic else range(2)
-
-    def at(row, col):
-        index = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).reshape(n, 1, h * w).expand(n, c, h * w)
-        return flat.gather(2, index).reshape(n, c, h, w).double()
-
-    rows = []
-    for i in taps:
-        v = [at(y0 + i, x0 + j) for j in taps]
-        rows.append(_cubic(*v, dx) if cubic else v[0] + (v[1] - v[0]) * dx)
-    v = _cubic(*rows, dy) if cubic else rows[0] + (rows[1] - rows[0]) * dy
-    out = v.clamp(0, 255).to(torch.uint8)
-    fill = a[:, 6:9].to(torch.uint8)[:, :, None, None].expand_as(out)
-    return torch.where(inside[:, None], out, fill)
+    x0, y0 = tl.floor(xin), tl.floor(yin)
+    dx, dy = (xin - x0)[None, :], (yin - y0)[None, :]
+    x0, y0 = x0.to(tl.int32), y0.to(tl.int32)
+    if CUBIC:
+        v = _cubic(_affine_row(img, channel, ok, y0 - 1, x0, dx, H, W, CUBIC),
+                   _affine_row(img, channel, ok, y0, x0, dx, H, W, CUBIC),
+                   _affine_row(img, channel, ok, y0 + 1, x0, dx, H, W, CUBIC),
+                   _affine_row(img, channel, ok, y0 + 2, x0, dx, H, W, CUBIC), dy)
+    else:
+        r0 = _affine_row(img, channel, ok, y0, x0, dx, H, W, CUBIC)
+        v = r0 + (_affine_row(img, channel, ok, y0 + 1, x0, dx, H, W, CUBIC) - r0) * dy
+    fill = tl.load(args + 6 + c, mask=c < 3, other=0).to(tl.uint8)
+    out = tl.minimum(tl.maximum(v, 0.0), 255.0).to(tl.uint8)
+    return tl.where(inside[None, :], out, fill[:, None])
 
 
-_OPS = {
-    AUTO_CONTRAST: _auto_contrast, EQUALIZE: _equalize, INVERT: lambda x, a: 255 - x, POSTERIZE: _posterize,
-    SOLARIZE: _solarize, SOLARIZE_ADD: _solarize_add, COLOR: _color, CONTRAST: _contrast, BRIGHTNESS: _brightness,
-    SHARPNESS: _sharpness, AFFINE_BILINEAR: lambda x, a: _affine(x, a, cubic=False),
-    AFFINE_BICUBIC: lambda x, a: _affine(x, a, cubic=True),
-}
+@triton.jit
+def _apply_layer(SRC, DST, CODE, ARGS, TABLES, side, centre, H, W, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # output pixels
+    c = tl.arange(0, 4)  # channels, padded to a power of two
+    hw = H * W
+    ok = (c < 3)[:, None] & (p < hw)[None, :]
+    img = SRC + b * 3 * hw
+    channel = c[:, None] * hw
+    at = channel + p[None, :]
+    v = tl.load(img + at, mask=ok, other=0)
+    code = tl.load(CODE + b)
+    args = ARGS + b * _ARGS
+    alpha = tl.load(args).to(tl.float32)
+    if code == _COLOR:  # blended with the grey image (Convert.c's 16-bit fixed-point weights)
+        weights = tl.where(c == 0, 19595, tl.where(c == 1, 38470, tl.where(c == 2, 7471, 0)))
+        grey = (tl.sum(v.to(tl.int32) * weights[:, None], axis=0) + 0x8000) >> 16
+        out = _blend_tl(grey.to(tl.float32)[None, :], v.to(tl.float32), alpha)
+    elif code == _SHARPNESS:  # blended with ImageFilter.SMOOTH (Filter.c: float32, rows y+1 to y-1, border copied)
+        y, x = p // W, p % W
+        inner = ok & ((y > 0) & (y < H - 1) & (x > 0) & (x < W - 1))[None, :]
+        ss = 0.5 + ((_tap(img, at, inner, W - 1) * side + _tap(img, at, inner, W) * side)
+                    + _tap(img, at, inner, W + 1) * side)
+        ss = ss + ((_tap(img, at, inner, -1) * side + _tap(img, at, inner, 0) * centre)
+                   + _tap(img, at, inner, 1) * side)
+        ss = ss + ((_tap(img, at, inner, -W - 1) * side + _tap(img, at, inner, -W) * side)
+                   + _tap(img, at, inner, -W + 1) * side)
+        smooth = tl.where(inner, tl.minimum(tl.maximum(ss, 0.0), 255.0).to(tl.uint8), v)
+        out = _blend_tl(smooth.to(tl.float32), v.to(tl.float32), alpha)
+    elif code == _AFFINE_BILINEAR:
+        out = _affine(img, channel, ok, args, c, p, H, W, CUBIC=False)
+    elif code == _AFFINE_BICUBIC:
+        out = _affine(img, channel, ok, args, c, p, H, W, CUBIC=True)
+    else:  # a point op (or none): its table
+        out = tl.load(TABLES + b * 768 + c[:, None] * 256 + v.to(tl.int32), mask=ok, other=0)
+    tl.store(DST + b * 3 * hw + at, out, mask=ok)

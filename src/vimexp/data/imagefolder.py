@@ -18,7 +18,7 @@ from torchvision.transforms import Compose
 
 from vimexp import VimexpError
 from vimexp.data import compat  # noqa: F401  (RandAugment on current Pillow)
-from vimexp.data.device_augment import RecordedRandAugment, apply_records, layer_counts
+from vimexp.data.device_augment import RecordedRandAugment, apply_records
 from vimexp.data.sampling import ShardedDataModule, seeded
 from vimexp.data.synthetic import ensure_imagefolder
 
@@ -120,17 +120,15 @@ class ImageFolderDataModule(ShardedDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         images, targets = batch
-        if isinstance(images, (list, tuple)):  # training: boxes and op counts read here, so that the device never syncs
+        if isinstance(images, (list, tuple)):  # training: boxes read here, so that the device never syncs
             images, boxes, *records = images  # records: data.rand_augment_on=device's
-            records = records[0] if records else None
-            counts = None if records is None else layer_counts(records)
-            return images, targets, boxes.tolist(), records, counts
-        return images, targets, None, None, None
+            return images, targets, boxes.tolist(), records[0] if records else None
+        return images, targets, None, None
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        images, targets, boxes, records, counts = batch
+        images, targets, boxes, records = batch
         if records is not None:
-            images = apply_records(images, records, counts)
+            images = apply_records(images, records)
         mean, std = self._moments(images.device)
         images = (images.float() - mean) / std
         if boxes:
