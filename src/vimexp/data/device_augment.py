@@ -160,17 +160,37 @@ def apply_records(images: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
 
 
 BLOCK = 1024  # output pixels a program (all three channels)
+HIST_BLOCK = 4096  # pixels a program of the histograms
+
+
+def _histograms(x: torch.Tensor) -> torch.Tensor:
+    """Each image's histograms of red, green, blue and grey (Convert.c's L): (B, 4, 256) int64. The statistics of
+    every point op (each channel's range, equalize's table, the mean grey level) follow from them."""
+    n, _, h, w = x.shape
+    block = triton.next_power_of_2(h * w) if not x.is_cuda else HIST_BLOCK
+    programs = triton.cdiv(h * w, block)
+    hist = torch.zeros(n, 4, 256, dtype=torch.int32, device=x.device)
+    _histogram_kernel[(n, programs)](x, hist, h * w, BLOCK=block)
+    hist = hist.long()
+    hist[:, :, 0] -= programs * block - h * w  # the padding lanes, counted as black
+    return hist
 
 
 def _lookup_tables(x: torch.Tensor, codes: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Each image's point op as a table a channel, (B, 3, 256) uint8 (the identity for the other ops): each op's
     arithmetic applied to the values 0..255 as a one-row image, with the statistics of the image itself."""
-    n = x.shape[0]
+    n, _, h, w = x.shape
+    hist = _histograms(x)
+    present = hist[:, :3] > 0
+    lo = present.int().argmax(2)  # each channel's lowest and highest value
+    hi = 255 - present.flip(2).int().argmax(2)
+    grey_mean = (hist[:, 3] * torch.arange(256, device=x.device)).sum(1).double() / _exact(h * w, x)
     v = torch.arange(256, device=x.device, dtype=torch.uint8).expand(n, 3, 1, 256)
     tables = {
-        AUTO_CONTRAST: _auto_contrast(v, x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)),
-        EQUALIZE: _equalize(x), INVERT: 255 - v, POSTERIZE: _posterize(v, a), SOLARIZE: _solarize(v, a),
-        SOLARIZE_ADD: _solarize_add(v, a), CONTRAST: _contrast(v, a, x), BRIGHTNESS: _brightness(v, a),
+        AUTO_CONTRAST: _auto_contrast(v, lo[:, :, None, None], hi[:, :, None, None]),
+        EQUALIZE: _equalize(hist[:, :3], hi, h * w), INVERT: 255 - v, POSTERIZE: _posterize(v, a),
+        SOLARIZE: _solarize(v, a), SOLARIZE_ADD: _solarize_add(v, a), CONTRAST: _contrast(v, a, grey_mean),
+        BRIGHTNESS: _brightness(v, a),
     }
     out = v
     for code, table in tables.items():
@@ -211,16 +231,13 @@ def _auto_contrast(x, lo, hi):  # ImageOps.autocontrast, cutoff 0: each channel'
     return torch.where(hi > lo, out.nan_to_num(0).to(torch.uint8), x)
 
 
-def _equalize(x):  # ImageOps.equalize: each channel's look-up table from its histogram, (n, c, 1, 256)
-    n, c, h, w = x.shape
-    flat = x.reshape(n * c, h * w).long()
-    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
-    last = hist.gather(1, flat.amax(1, keepdim=True))  # the count of the highest value present
-    step = (h * w - last) // 255
-    lut = (step // 2 + hist.cumsum(1) - hist) // step.clamp(min=1)
-    identity = ((hist > 0).sum(1, keepdim=True) <= 1) | (step == 0)
-    lut = torch.where(identity, torch.arange(256, device=x.device), lut).clamp(0, 255)
-    return lut.to(torch.uint8).reshape(n, c, 1, 256)
+def _equalize(hist, hi, pixels):  # ImageOps.equalize: each channel's table from its histogram, (n, c, 1, 256)
+    last = hist.gather(2, hi[:, :, None])  # the count of the highest value present
+    step = (pixels - last) // 255
+    lut = (step // 2 + hist.cumsum(2) - hist) // step.clamp(min=1)
+    identity = ((hist > 0).sum(2, keepdim=True) <= 1) | (step == 0)
+    lut = torch.where(identity, torch.arange(256, device=hist.device), lut).clamp(0, 255)
+    return lut.to(torch.uint8)[:, :, None]
 
 
 def _blend(degenerate, image, factor):
@@ -230,11 +247,8 @@ def _blend(degenerate, image, factor):
     return (degenerate + alpha * (image.float() - degenerate)).clamp(0, 255).to(torch.uint8)
 
 
-def _contrast(v, a, image):  # the degenerate image: the grey level's mean (Convert.c's weights), rounded half up
-    r, g, b = image.int().unbind(1)
-    grey = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
-    mean = grey.sum(dim=(1, 2), dtype=torch.float64) / _exact(grey.shape[1] * grey.shape[2], image)
-    return _blend(_each(torch.floor(mean + 0.5)).expand_as(v), v, a[:, 0])
+def _contrast(v, a, grey_mean):  # the degenerate image: the grey level's mean, rounded half up
+    return _blend(_each(torch.floor(grey_mean + 0.5)).expand_as(v), v, a[:, 0])
 
 
 def _brightness(v, a):
@@ -243,6 +257,24 @@ def _brightness(v, a):
 
 # Colour, sharpness and the affine ops read other pixels than their own: a kernel, one program a tile of an image,
 # that branches on the image's op. Float32 where Pillow computes in float, float64 where it computes in double.
+
+@triton.jit
+def _histogram_kernel(SRC, HIST, hw, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = p < hw
+    img = SRC + b * 3 * hw
+    r = tl.load(img + p, mask=ok, other=0).to(tl.int32)
+    g = tl.load(img + hw + p, mask=ok, other=0).to(tl.int32)
+    bl = tl.load(img + 2 * hw + p, mask=ok, other=0).to(tl.int32)
+    grey = (r * 19595 + g * 38470 + bl * 7471 + 0x8000) >> 16  # Convert.c's RGB -> L, 16-bit fixed point
+    bins = tl.arange(0, 256)
+    out = HIST + b * 1024 + bins
+    tl.atomic_add(out, tl.histogram(r, 256))
+    tl.atomic_add(out + 256, tl.histogram(g, 256))
+    tl.atomic_add(out + 512, tl.histogram(bl, 256))
+    tl.atomic_add(out + 768, tl.histogram(grey, 256))
+
 
 @triton.jit
 def _blend_tl(degenerate, image, alpha):  # Blend.c, as _blend
