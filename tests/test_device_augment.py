@@ -167,3 +167,20 @@ def test_a_batch_is_augmented_without_waiting_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_graphed_batch_equals_the_eager_one():
+    """One graph a batch shape, replayed on new images and records, gives what apply_records gives eagerly."""
+    g = torch.Generator().manual_seed(1)
+    graphed = da.GraphedRecords()
+    for _ in range(3):
+        images = torch.randint(0, 256, (16, 3, 64, 80), dtype=torch.uint8, generator=g).cuda()
+        records = torch.zeros(16, 2, da.RECORD, dtype=torch.float64)
+        records[:, :, 0] = torch.randint(0, da.CODES, (16, 2), generator=g)
+        records[:, :, 1] = torch.rand(16, 2, generator=g) * 1.5
+        records[:, :, 2:7] = torch.tensor([0.1, 3.0, 0.05, 1.0, -2.0], dtype=torch.float64)
+        records = records.cuda()
+        assert torch.equal(graphed(images, records), da.apply_records(images, records))
+    assert len(graphed.graphs) == 1

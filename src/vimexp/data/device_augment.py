@@ -159,6 +159,36 @@ def apply_records(images: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
     return images
 
 
+class GraphedRecords:
+    """apply_records, captured as a CUDA graph a batch shape (eagerly on a CPU): its 130 or so small launches a
+    batch of 128 cost the host 4.9 ms against the device's 1.6 (H200), and the host also enqueues the model step.
+    The result is the graph's own buffer, valid until the next call: the normalisation copies it at once."""
+
+    def __init__(self):
+        self.graphs = {}
+
+    def __call__(self, images: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
+        if not images.is_cuda:
+            return apply_records(images, records)
+        key = (tuple(images.shape), tuple(records.shape), images.device)
+        if key not in self.graphs:
+            static = images.contiguous().clone(), records.clone()
+            side = torch.cuda.Stream(images.device)
+            side.wait_stream(torch.cuda.current_stream(images.device))
+            with torch.cuda.stream(side):  # compiles the kernels and warms the allocator, as capture requires
+                apply_records(*static)
+            torch.cuda.current_stream(images.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = apply_records(*static)
+            self.graphs[key] = graph, static, out
+        graph, (static_images, static_records), out = self.graphs[key]
+        static_images.copy_(images)
+        static_records.copy_(records)
+        graph.replay()
+        return out
+
+
 BLOCK = 1024  # output pixels a program (all three channels)
 HIST_BLOCK = 4096  # pixels a program of the histograms
 

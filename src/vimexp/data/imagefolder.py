@@ -18,7 +18,7 @@ from torchvision.transforms import Compose
 
 from vimexp import VimexpError
 from vimexp.data import compat  # noqa: F401  (RandAugment on current Pillow)
-from vimexp.data.device_augment import RecordedRandAugment, apply_records
+from vimexp.data.device_augment import GraphedRecords, RecordedRandAugment
 from vimexp.data.sampling import ShardedDataModule, seeded
 from vimexp.data.synthetic import ensure_imagefolder
 
@@ -94,6 +94,7 @@ class ImageFolderDataModule(ShardedDataModule):
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self._moments_on = self._erase_generator = None  # made on the batches' device at their first transfer
+        self._apply_records = GraphedRecords()  # data.rand_augment_on=device's
 
     def prepare_data(self):  # rank 0 only: make the built-in dataset once
         if self.hparams.generate:
@@ -128,7 +129,7 @@ class ImageFolderDataModule(ShardedDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx):
         images, targets, boxes, records = batch
         if records is not None:
-            images = apply_records(images, records)
+            images = self._apply_records(images, records)
         mean, std = self._moments(images.device)
         images = (images.float() - mean) / std
         if boxes:
