@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import submitit
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
@@ -84,6 +83,7 @@ def _requeue(submission_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_submitit_local_multirun_and_a_requeued_job_resumes_in_its_directory(tiny_data, tmp_path):
+    pytest.importorskip("submitit")  # the dev extra's (a GPU node with the runtime only lacks it)
     run = run_cli("train", "-m", *data_overrides(tiny_data), *TINY_RUN, "debug=limit", "hydra/launcher=submitit_local",
                   "hydra.launcher.timeout_min=10", "seed=1,2", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -104,6 +104,7 @@ def test_submitit_local_multirun_and_a_requeued_job_resumes_in_its_directory(tin
 
 
 def test_slurm_preset_ties_lightning_to_the_submitit_resources(monkeypatch, tmp_path):
+    submitit = pytest.importorskip("submitit")
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # "is srun here?": it is not
     cfg = compose_cfg(["experiment=imagenet_vim_ti", "data.root=/imagenet", "launcher=slurm_2x8gpu",
                        "hydra.launcher.partition=gpu"], tmp_path)

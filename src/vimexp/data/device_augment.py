@@ -2,9 +2,11 @@
 Pillow's arithmetic, so that the images equal the workers' own (`data.rand_augment_on=device`).
 
 Why: on a 16-core H200 host the workers bound the Vim-Ti CLI, and RandAugment is about a third of a worker's time
-an image (docs/optimisation.md, step 31). Measured there, the workers gain 32% but the device's half costs 14.7 ms a
-batch of 128 in many small kernels, so the CLI is slower today and `workers` stays the default
-(experiments/results/loader/device_rand_augment/). The worker runs timm's own RandAugment object with each op's image
+an image (docs/optimisation.md, step 31). Measured there (experiments/results/loader/device_rand_augment/), the
+workers gain 32-48% and the device's half, a histogram kernel and one kernel a layer replayed as a CUDA graph,
+costs 1.7 ms of GPU time a batch of 128; the CLI gains a few percent at most (Vim-S 1,501 against 1,477-1,490
+img/s), so `workers` stays the default.
+The worker runs timm's own RandAugment object with each op's image
 function swapped for a recorder, so every random draw (the ops, their application, magnitude and sign, the
 resampling filter) is timm's, in timm's order; the record of each op travels with the image. Written by hand
 because no library applies Pillow's integer and float rounding to batches: each op follows Pillow's C code
@@ -15,6 +17,7 @@ with no fused multiply-adds. tests/test_device_augment.py checks each op, and wh
 import copy
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -162,31 +165,44 @@ def apply_records(images: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
 class GraphedRecords:
     """apply_records, captured as a CUDA graph a batch shape (eagerly on a CPU): its 130 or so small launches a
     batch of 128 cost the host 4.9 ms against the device's 1.6 (H200), and the host also enqueues the model step.
-    The result is the graph's own buffer, valid until the next call: the normalisation copies it at once."""
+    The result is the graph's own buffer, valid until the next call: the normalisation copies it at once. A capture
+    that fails says so once and leaves the batches to eager launches."""
 
     def __init__(self):
-        self.graphs = {}
+        self.graphs, self.eager = {}, False
 
     def __call__(self, images: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
-        if not images.is_cuda:
+        if not images.is_cuda or self.eager:
             return apply_records(images, records)
         key = (tuple(images.shape), tuple(records.shape), images.device)
         if key not in self.graphs:
-            static = images.contiguous().clone(), records.clone()
-            side = torch.cuda.Stream(images.device)
-            side.wait_stream(torch.cuda.current_stream(images.device))
-            with torch.cuda.stream(side):  # compiles the kernels and warms the allocator, as capture requires
-                apply_records(*static)
-            torch.cuda.current_stream(images.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = apply_records(*static)
-            self.graphs[key] = graph, static, out
+            try:
+                self.graphs[key] = self._capture(images, records)
+            except RuntimeError as e:
+                warnings.warn(f"data.rand_augment_on=device: capturing RandAugment's device half as a CUDA graph "
+                              f"failed ({type(e).__name__}: {str(e)[:200]}); it runs eagerly, about 5 ms more host "
+                              "time a batch of 128")
+                self.eager = True
+                return apply_records(images, records)
         graph, (static_images, static_records), out = self.graphs[key]
         static_images.copy_(images)
         static_records.copy_(records)
         graph.replay()
         return out
+
+    @staticmethod
+    def _capture(images, records):
+        static = images.contiguous().clone(), records.clone()
+        side = torch.cuda.Stream(images.device)
+        side.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(side):  # compiles the kernels and warms the allocator, as capture requires
+            apply_records(*static)
+        torch.cuda.current_stream(images.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader's pin-memory thread keeps calling CUDA meanwhile; only this thread's calls count
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = apply_records(*static)
+        return graph, static, out
 
 
 BLOCK = 1024  # output pixels a program (all three channels)
