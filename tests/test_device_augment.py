@@ -184,3 +184,18 @@ def test_the_graphed_batch_equals_the_eager_one():
         records = records.cuda()
         assert torch.equal(graphed(images, records), da.apply_records(images, records))
     assert len(graphed.graphs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_failed_capture_says_so_and_runs_eagerly(monkeypatch):
+    def fail(images, records):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(da.GraphedRecords, "_capture", staticmethod(fail))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).cuda()
+    records = torch.zeros(4, 2, da.RECORD, dtype=torch.float64, device="cuda")
+    records[:, :, 0], records[:, :, 1] = da.INVERT, 0.5
+    graphed = da.GraphedRecords()
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        out = graphed(images, records)
+    assert torch.equal(out, images) and graphed.eager  # inverted twice
