@@ -165,3 +165,24 @@ def test_photo_jpegs_weigh_what_imagenet_photos_do(tmp_path):
     _photo((tmp_path / "a.JPEG", [0, 1], 500, 375))
     assert Image.open(tmp_path / "a.JPEG").size == (500, 375)
     assert 60_000 < (tmp_path / "a.JPEG").stat().st_size < 130_000  # ImageNet's train JPEGs average about 110 KB
+
+
+def test_pipeline_bench_runs_the_cli_per_variant_and_keeps_a_failed_runs_log(tmp_path):
+    """bench=pipeline: the real CLI on generated JPEGs beside the step alone; a variant that fails is recorded with
+    its exit status and the end of its log, the others measured, and the bench ends with a one-line error."""
+    run = run_cli("bench", "bench=pipeline", "device=cpu", "kernel=torch", "warmup=1", "repeats=1", "iters=1",
+                  "bench.res=32", "bench.batch=4", "bench.workers=0", "bench.epochs=1", "bench.precision=fp32",
+                  f"bench.photo={{root:'{tmp_path / 'jpegs'}',classes:2,train_per_class:12,val_per_class:2,"
+                  "width:80,height:60}", "~bench.models", "+bench.models={tiny:{experiment:imagenet_vim_ti,"
+                  "name:vim_ti,depth:2}}", "~bench.variants",
+                  "+bench.variants={workers:['data.rand_augment_on=workers'],bad:['data.rand_augment_on=nowhere']}",
+                  f"bench.work={tmp_path / 'runs'}", "bench.train_overrides=['data.mixup_group=4']",
+                  f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert run.returncode == 2 and "a training run failed" in run.stderr.strip().splitlines()[-1]
+    row, = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert row["model"] == "tiny" and row["step_status"] == "ok" and row["step_img_per_sec"] > 0
+    ok, bad = row["runs"]["workers"], row["runs"]["bad"]
+    assert ok["status"] == "ok" and len(ok["epochs_img_per_sec"]) == 1 and ok["epochs_img_per_sec"][0] > 0
+    assert ok["share_of_step"] == [round(ok["epochs_img_per_sec"][0] / row["step_img_per_sec"], 3)]
+    assert bad["status"] == "failed" and bad["exit"] == 2 and "rand_augment_on=nowhere" in bad["log_tail"]
+    assert (tmp_path / "runs" / "tiny_bad" / "stdout.log").is_file()

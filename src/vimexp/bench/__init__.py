@@ -6,6 +6,7 @@ conf/bench/<name>.yaml); `bench.tool` picks the module that runs it:
     bench=ddp bench.devices=2            data-parallel training: scaling, 1-vs-N-GPU equivalence (vimexp.bench.ddp)
     bench=speedup                        the README's speed-up figure, from two runs' results.csv (vimexp.bench.plots)
     bench=loader                         the training data loader alone, per number of workers (vimexp.bench.loader)
+    bench=pipeline                       the CLI's img/s on JPEGs against the model step's (vimexp.bench.pipeline)
 
 One timing loop and GPU spin-up for all of them (vimexp.bench.timing); each record carries vimexp.record.environment
 (device, driver, versions, date, commit) and the command that made it.
@@ -14,7 +15,7 @@ import importlib
 
 from vimexp import VimexpError
 
-TOOLS = ("backbones", "mixer", "ddp", "plots", "loader")
+TOOLS = ("backbones", "mixer", "ddp", "plots", "loader", "pipeline")
 
 
 def pick_device(name: str):
@@ -51,7 +52,7 @@ def compose_train(overrides: list[str]):
 
 
 def run(cfg) -> dict:
-    """Run the benchmark `cfg.bench` names (its `tool`: backbones, the default, mixer, ddp, plots or loader)."""
+    """Run the benchmark `cfg.bench` names (its `tool`: backbones, the default, mixer, ddp, plots, loader or pipeline)."""
     tool = cfg.bench.get("tool", "backbones")
     if tool not in TOOLS:
         raise VimexpError(f"unknown bench.tool {tool!r}: choose one of {', '.join(TOOLS)}")
