@@ -4,7 +4,7 @@
 VENV := .venv
 PY ?= $(VENV)/bin/python
 ENV := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
-.PHONY: help install train test gpu-test gpu-prepare table1 table2 table3 table4 table5 table7 parity fig1 fig3 fig-speedup bench-train bench-train-hier bench-mixer bench-ddp
+.PHONY: help install train test gpu-test gpu-prepare table1 table2 table3 table4 table5 table7 parity fig1 fig3 fig-speedup bench-train bench-train-hier bench-mixer bench-ddp bench-pipeline
 
 help:  ## list targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ bench-mixer:  ## the bimamba v2 mixer alone, fused Triton kernels vs mamba-ssm (
 
 bench-ddp:  ## on N GPUs of one host: DDP scaling efficiency, 1-vs-N-GPU equivalence and a DDP multirun (Vim-S, 224 px)
 	$(PY) -m vimexp.bench bench=ddp bench.devices=$(or $(DEVICES),2) bench.record=experiments/results/ddp.json $(BENCH_ARGS)
+
+bench-pipeline:  ## the CLI on generated JPEGs against the model step alone (Vim-Ti/S; RandAugment in the workers, on the device)
+	$(PY) -m vimexp.bench bench=pipeline $(BENCH_ARGS)
 
 fig-speedup:  ## redraw the README's speed-up figure from the kept H200 runs (experiments/results/fused_scan/h200/)
 	$(PY) -m vimexp.bench bench=speedup out_dir=experiments/results/fused_scan/h200 $(BENCH_ARGS)
