@@ -31,7 +31,7 @@ def cli_run(run_dir: Path, overrides: list[str]) -> dict:
     log = run_dir / "stdout.log"
     with open(log, "w") as out:
         rc = subprocess.run([sys.executable, "-m", "vimexp.train", *overrides, f"hydra.run.dir={run_dir}"],
-                            stdout=out, stderr=subprocess.STDOUT, env=os.environ).returncode
+                            stdout=out, stderr=subprocess.STDOUT).returncode
     epochs = []
     for metrics in run_dir.glob("**/metrics.csv"):
         with open(metrics) as f:

@@ -5,8 +5,7 @@ Why: on a 16-core H200 host the workers bound the Vim-Ti CLI, and RandAugment is
 an image (docs/optimisation.md, step 31). Measured there (experiments/results/loader/device_rand_augment/), the
 workers gain 32-48% and the device's half, a histogram kernel and one kernel a layer replayed as a CUDA graph,
 costs 1.7 ms of GPU time a batch of 128; the CLI gains a few percent at most (Vim-S 1,501 against 1,477-1,490
-img/s), so `workers` stays the default.
-The worker runs timm's own RandAugment object with each op's image
+img/s), so `workers` stays the default. The worker runs timm's own RandAugment object with each op's image
 function swapped for a recorder, so every random draw (the ops, their application, magnitude and sign, the
 resampling filter) is timm's, in timm's order; the record of each op travels with the image. Written by hand
 because no library applies Pillow's integer and float rounding to batches: each op follows Pillow's C code
@@ -301,9 +300,6 @@ def _brightness(v, a):
     return _blend(torch.zeros_like(v), v, a[:, 0])
 
 
-# Colour, sharpness and the affine ops read other pixels than their own: a kernel, one program a tile of an image,
-# that branches on the image's op. Float32 where Pillow computes in float, float64 where it computes in double.
-
 @triton.jit
 def _histogram_kernel(SRC, HIST, hw, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -321,6 +317,9 @@ def _histogram_kernel(SRC, HIST, hw, BLOCK: tl.constexpr):
     tl.atomic_add(out + 512, tl.histogram(bl, 256))
     tl.atomic_add(out + 768, tl.histogram(grey, 256))
 
+
+# Colour, sharpness and the affine ops read other pixels than their own: a kernel, one program a tile of an image,
+# that branches on the image's op. Float32 where Pillow computes in float, float64 where it computes in double.
 
 @triton.jit
 def _blend_tl(degenerate, image, alpha):  # Blend.c, as _blend
