@@ -142,6 +142,7 @@ def test_sweep_blocks_reach_the_kernels_and_leave_the_tuned_ones_alone():
 
 def test_loader_bench_times_each_worker_count_on_generated_photo_jpegs(tmp_path):
     run = run_cli("bench", "bench=loader", "bench.workers=[0,2]", "bench.batch=4", "bench.rounds=1",
+                  "bench.stage_images=5",
                   f"bench.root={tmp_path / 'jpegs'}",
                   "bench.generate={classes:2,train_per_class:12,val_per_class:2,width:80,height:60}",
                   f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
@@ -150,6 +151,9 @@ def test_loader_bench_times_each_worker_count_on_generated_photo_jpegs(tmp_path)
     assert [r["workers"] for r in record["rows"]] == [0, 2] and all(r["img_per_sec"] > 0 for r in record["rows"])
     assert record["rows"][1]["img_per_sec_per_worker"] == pytest.approx(record["rows"][1]["img_per_sec"] / 2, abs=0.1)
     assert "data=imagenet" in record["train_overrides"] and record["environment"]["cpus"] >= 1
+    stages = record["stage_ms_per_image"]  # a worker's image, stage by stage: the decode, then timm's transforms
+    assert list(stages)[:3] == ["decode", "RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert "RandAugment" in stages and all(ms > 0 for ms in stages.values())
     files = sorted((tmp_path / "jpegs" / "train").glob("*/*.JPEG"))
     assert len(files) == 24 and Image.open(files[0]).size == (80, 60)
     too_many = run_cli("bench", "bench=loader", "bench.workers=[0]", "bench.batch=4", "bench.rounds=50",

@@ -52,7 +52,8 @@ def compose_train(overrides: list[str]):
 
 
 def run(cfg) -> dict:
-    """Run the benchmark `cfg.bench` names (its `tool`: backbones, the default, mixer, ddp, plots, loader or pipeline)."""
+    """Run the benchmark `cfg.bench` names (its `tool`: backbones, the default, or mixer, ddp, plots, loader,
+    pipeline)."""
     tool = cfg.bench.get("tool", "backbones")
     if tool not in TOOLS:
         raise VimexpError(f"unknown bench.tool {tool!r}: choose one of {', '.join(TOOLS)}")

@@ -4,7 +4,8 @@
 
 Its img/s beside a model step's (bench=train) says whether a run can be loader-bound: on the H200 host, DeiT's
 ImageNet pipeline decoded 187 photo-sized JPEGs a second a worker (docs/optimisation.md, step 31). By default it times
-that pipeline on JPEGs it generates once (`bench.root`, `bench.generate`). On a GPU it also times the device's half of
+that pipeline on JPEGs it generates once (`bench.root`, `bench.generate`), and a worker's time an image stage by
+stage (the decode, then each transform) on one core. On a GPU it also times the device's half of
 a batch (the transfer hooks: RandAugment's records applied where data.rand_augment_on=device, normalising, erasing).
 Writes results.json to out_dir.
 """
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from vimexp import VimexpError
 from vimexp.bench import command, compose_train, say
+from vimexp.data.sampling import seeded
 from vimexp.data.synthetic import ensure_photo_folder
 from vimexp.record import environment, write_json
 
@@ -37,6 +39,26 @@ def images_per_second(loader, rounds: int) -> float:
     for _ in range(rounds * per_round):
         images += len(next(it)[-1])  # the targets: a training batch's images come with their erasing boxes
     return images / (time.perf_counter() - start)
+
+
+def stage_ms_per_image(dataset, images: int) -> dict[str, float]:
+    """A worker's time an image, stage by stage, on one core: the decode, then each step of the train transform
+    (RandAugment's recording as one step where data.rand_augment_on=device), over `images` seeded samples."""
+    from vimexp.data.device_augment import RecordedRandAugment
+    tf = dataset.transform
+    steps = ([*tf.before.transforms, tf.rand_augment, *tf.after.transforms] if isinstance(tf, RecordedRandAugment)
+             else list(tf.transforms))
+    totals = dict.fromkeys(["decode", *(type(step).__name__ for step in steps)], 0.0)
+    for i in range(images):
+        with seeded(0, 0, i, 0):
+            start = time.perf_counter()
+            x = dataset.loader(dataset.samples[i % len(dataset)][0])
+            totals["decode"] += time.perf_counter() - start
+            for step in steps:
+                start = time.perf_counter()
+                x = step(x)
+                totals[type(step).__name__] += time.perf_counter() - start
+    return {name: round(1e3 * t / images, 3) for name, t in totals.items()}
 
 
 def device_ms_per_batch(data, batch, repeats: int = 20) -> tuple[float, float]:
@@ -74,6 +96,8 @@ def run(cfg) -> dict:
         rate = images_per_second(loader, b.rounds)
         row = {"workers": workers, "img_per_sec": round(rate, 1),
                "img_per_sec_per_worker": round(rate / workers, 1) if workers else None}
+        if "stage_ms_per_image" not in record:  # the same for every worker count
+            record["stage_ms_per_image"] = stage_ms_per_image(data.train_set, b.stage_images)
         if torch.cuda.is_available():
             host, device = device_ms_per_batch(data, next(iter(loader)))
             row.update(hooks_host_ms_per_batch=round(host, 3), hooks_device_ms_per_batch=round(device, 3))
