@@ -11,6 +11,7 @@ from timm.data import auto_augment as timm_aa
 from vimexp.data import compat, device_augment as da
 
 BILINEAR, BICUBIC = Image.Resampling.BILINEAR, Image.Resampling.BICUBIC
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need a GPU, or Triton's interpreter without
 FILL = (124, 116, 104)
 
 
@@ -26,7 +27,7 @@ def picture(seed, size=(47, 38), lo=0, hi=256):
     return Image.fromarray(img)
 
 
-def on_device(img, fn, *args, device="cpu", **kwargs):
+def on_device(img, fn, *args, device=DEVICE, **kwargs):
     """Record timm's call of `fn`, then apply the record to the image as a batch of one on `device`."""
     record = da._RECORDERS[fn](img, *args, **kwargs)
     records = torch.zeros(1, 1, da.RECORD, dtype=torch.float64)
@@ -36,7 +37,7 @@ def on_device(img, fn, *args, device="cpu", **kwargs):
     return out[0].permute(1, 2, 0).cpu().numpy()
 
 
-def assert_same(img, fn, *args, device="cpu", **kwargs):
+def assert_same(img, fn, *args, device=DEVICE, **kwargs):
     expected = np.asarray(fn(img, *args, **dict(kwargs)))
     got = on_device(img, fn, *args, device=device, **kwargs)
     diff = np.abs(expected.astype(int) - got.astype(int))
@@ -119,7 +120,8 @@ def test_imagenet_pipeline_gives_the_workers_images(tmp_path):
         batch = dm.on_before_batch_transfer(default_collate(samples), 0)
         if where == "device":
             ops = set(batch[3][:, :, 0].flatten().long().tolist())
-        batches[where] = dm.on_after_batch_transfer(batch, 0)[0]
+        batch = dm.transfer_batch_to_device(batch, torch.device(DEVICE), 0)
+        batches[where] = dm.on_after_batch_transfer(batch, 0)[0].cpu()
     assert ops == set(range(da.CODES)) - {da.AFFINE_BILINEAR}  # DeiT's bicubic: every op, and 'none', drawn
     assert torch.equal(batches["workers"], batches["device"])
 

@@ -21,9 +21,12 @@ def _datamodule(tiny_data, **kwargs):
 
 
 def _on_device(dm, samples):
-    """What the task gets: the collated batch through the datamodule's transfer hooks (here on the CPU)."""
+    """What the task gets: the collated batch through the datamodule's transfer hooks, on the GPU where there is one
+    (RandAugment on the device needs it, or Triton's interpreter), returned on the CPU."""
     batch = dm.on_before_batch_transfer(default_collate(samples), 0)
-    return dm.on_after_batch_transfer(batch, 0)
+    if torch.cuda.is_available():
+        batch = dm.transfer_batch_to_device(batch, torch.device("cuda"), 0)
+    return [t.cpu() for t in dm.on_after_batch_transfer(batch, 0)]
 
 
 @pytest.mark.parametrize("split, re_prob, re_count, rand_augment_on", [

@@ -5,7 +5,7 @@
 Its img/s beside a model step's (bench=train) says whether a run can be loader-bound: on the H200 host, DeiT's
 ImageNet pipeline decoded 187 photo-sized JPEGs a second a worker (docs/optimisation.md, step 31). By default it times
 that pipeline on JPEGs it generates once (`bench.root`, `bench.generate`), and a worker's time an image stage by
-stage (the decode, then each transform) on one core. On a GPU it also times the device's half of
+stage (the decode, then each transform) in one process. On a GPU it also times the device's half of
 a batch (the transfer hooks: RandAugment's records applied where data.rand_augment_on=device, normalising, erasing).
 Writes results.json to out_dir.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from torchvision.transforms import Compose
 from tqdm import tqdm
 
 from vimexp import VimexpError
@@ -42,12 +43,11 @@ def images_per_second(loader, rounds: int) -> float:
 
 
 def stage_ms_per_image(dataset, images: int) -> dict[str, float]:
-    """A worker's time an image, stage by stage, on one core: the decode, then each step of the train transform
+    """A worker's time an image, stage by stage, in this process: the decode, then each step of the train transform
     (RandAugment's recording as one step where data.rand_augment_on=device), over `images` seeded samples."""
-    from vimexp.data.device_augment import RecordedRandAugment
-    tf = dataset.transform
-    steps = ([*tf.before.transforms, tf.rand_augment, *tf.after.transforms] if isinstance(tf, RecordedRandAugment)
-             else list(tf.transforms))
+    tf = dataset.transform  # a Compose, or device_augment.RecordedRandAugment's three parts
+    steps = list(tf.transforms) if isinstance(tf, Compose) else [*tf.before.transforms, tf.rand_augment,
+                                                                 *tf.after.transforms]
     totals = dict.fromkeys(["decode", *(type(step).__name__ for step in steps)], 0.0)
     for i in range(images):
         with seeded(0, 0, i, 0):

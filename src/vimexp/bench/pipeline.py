@@ -14,24 +14,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vimexp import VimexpError
 from vimexp.bench import command, pick_device, say
-from vimexp.bench.backbones import measure
+from vimexp.bench.backbones import PRECISIONS, measure
 from vimexp.bench.timing import spin_up
 from vimexp.data.synthetic import ensure_photo_folder
 from vimexp.record import environment, write_json
 
 
-def cli_run(run_dir: Path, overrides: list[str]) -> dict:
+def cli_run(run_dir: Path, overrides: list[str], timeout_min: float) -> dict:
     """One training run through the CLI, its log in run_dir/stdout.log: the img/s of each epoch, or why it failed."""
+    if run_dir.exists() and any(run_dir.iterdir()):  # the CLI would resume the run there, and append to its metrics
+        raise VimexpError(f"{run_dir} holds an earlier run: set bench.work to a new directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "stdout.log"
     with open(log, "w") as out:
-        rc = subprocess.run([sys.executable, "-m", "vimexp.train", *overrides, f"hydra.run.dir={run_dir}"],
-                            stdout=out, stderr=subprocess.STDOUT).returncode
+        try:
+            rc = subprocess.run([sys.executable, "-m", "vimexp.train", *overrides, f"hydra.run.dir={run_dir}"],
+                                stdout=out, stderr=subprocess.STDOUT, timeout=60 * timeout_min).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timed out after bench.timeout_min={timeout_min}"
     epochs = []
     for metrics in run_dir.glob("**/metrics.csv"):
         with open(metrics) as f:
@@ -53,6 +59,8 @@ def model_step(spec: dict, cfg, device) -> dict:
 
 def run(cfg) -> dict:
     b = cfg.bench
+    if b.precision not in PRECISIONS:
+        raise VimexpError(f"bench.precision={b.precision}: choose one of {', '.join(PRECISIONS)}")
     device = pick_device(cfg.device)
     photo = OmegaConf.to_container(b.photo)
     root = ensure_photo_folder(photo.pop("root"), **photo)
@@ -69,9 +77,11 @@ def run(cfg) -> dict:
         model = [f"experiment={spec['experiment']}",
                  *(f"++model.{k}={v}" for k, v in spec.items() if k not in ("experiment", "name"))]
         step = model_step(spec, cfg, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the step's memory back to the device before the runs start
         row = {"model": key, "step_img_per_sec": step.get("img_per_sec"), "step_status": step["status"], "runs": {}}
         for name, variant in b.variants.items():
-            result = cli_run(Path(b.work) / f"{key}_{name}", [*model, *common, *variant])
+            result = cli_run(Path(b.work) / f"{key}_{name}", [*model, *common, *variant], b.timeout_min)
             if step.get("img_per_sec") and result["epochs_img_per_sec"]:
                 result["share_of_step"] = [round(e / step["img_per_sec"], 3) for e in result["epochs_img_per_sec"]]
             row["runs"][name] = {"overrides": list(variant), **result}

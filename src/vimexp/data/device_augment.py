@@ -35,7 +35,7 @@ RECORD = 10
 NONE, AUTO_CONTRAST, EQUALIZE, INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD, COLOR, CONTRAST, BRIGHTNESS, SHARPNESS, \
     AFFINE_BILINEAR, AFFINE_BICUBIC = range(13)
 CODES = 13
-_COLOR, _SHARPNESS, _AFFINE_BILINEAR, _AFFINE_BICUBIC, _ARGS = (tl.constexpr(x) for x in (
+_COLOR, _SHARPNESS, _AFFINE_BILINEAR, _AFFINE_BICUBIC, _NARGS = (tl.constexpr(x) for x in (
     COLOR, SHARPNESS, AFFINE_BILINEAR, AFFINE_BICUBIC, RECORD - 1))  # for the kernel
 _AFFINE = {Image.Resampling.BILINEAR: AFFINE_BILINEAR, Image.Resampling.BICUBIC: AFFINE_BICUBIC}
 
@@ -162,8 +162,8 @@ def apply_records(images: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
 
 
 class GraphedRecords:
-    """apply_records, captured as a CUDA graph a batch shape (eagerly on a CPU): its 130 or so small launches a
-    batch of 128 cost the host 4.9 ms against the device's 1.6 (H200), and the host also enqueues the model step.
+    """apply_records, captured as a CUDA graph a batch shape (eagerly on a CPU): its small launches cost the host
+    4.9 ms a batch of 128 against the device's 1.7 (H200), and the host also enqueues the model step.
     The result is the graph's own buffer, valid until the next call: the normalisation copies it at once. A capture
     that fails says so once and leaves the batches to eager launches."""
 
@@ -175,9 +175,11 @@ class GraphedRecords:
             return apply_records(images, records)
         key = (tuple(images.shape), tuple(records.shape), images.device)
         if key not in self.graphs:
+            stream = torch.cuda.current_stream(images.device)
             try:
                 self.graphs[key] = self._capture(images, records)
             except RuntimeError as e:
+                torch.cuda.set_stream(stream)  # a failed capture's exit leaves its own stream current
                 warnings.warn(f"data.rand_augment_on=device: capturing RandAugment's device half as a CUDA graph "
                               f"failed ({type(e).__name__}: {str(e)[:200]}); it runs eagerly, about 5 ms more host "
                               "time a batch of 128")
@@ -192,11 +194,11 @@ class GraphedRecords:
     @staticmethod
     def _capture(images, records):
         static = images.contiguous().clone(), records.clone()
-        side = torch.cuda.Stream(images.device)
-        side.wait_stream(torch.cuda.current_stream(images.device))
-        with torch.cuda.stream(side):  # compiles the kernels and warms the allocator, as capture requires
+        warm_up = torch.cuda.Stream(images.device)
+        warm_up.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(warm_up):  # compiles the kernels and warms the allocator, as capture requires
             apply_records(*static)
-        torch.cuda.current_stream(images.device).wait_stream(side)
+        torch.cuda.current_stream(images.device).wait_stream(warm_up)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loader's pin-memory thread keeps calling CUDA meanwhile; only this thread's calls count
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -394,7 +396,7 @@ def _apply_layer(SRC, DST, CODE, ARGS, TABLES, side, centre, H, W, BLOCK: tl.con
     at = channel + p[None, :]
     v = tl.load(img + at, mask=ok, other=0)
     code = tl.load(CODE + b)
-    args = ARGS + b * _ARGS
+    args = ARGS + b * _NARGS
     alpha = tl.load(args).to(tl.float32)
     if code == _COLOR:  # blended with the grey image (Convert.c's 16-bit fixed-point weights)
         weights = tl.where(c == 0, 19595, tl.where(c == 1, 38470, tl.where(c == 2, 7471, 0)))

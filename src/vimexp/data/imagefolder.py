@@ -18,7 +18,6 @@ from torchvision.transforms import Compose
 
 from vimexp import VimexpError
 from vimexp.data import compat  # noqa: F401  (RandAugment on current Pillow)
-from vimexp.data.device_augment import GraphedRecords, RecordedRandAugment
 from vimexp.data.sampling import ShardedDataModule, seeded
 from vimexp.data.synthetic import ensure_imagefolder
 
@@ -94,7 +93,7 @@ class ImageFolderDataModule(ShardedDataModule):
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self._moments_on = self._erase_generator = None  # made on the batches' device at their first transfer
-        self._apply_records = GraphedRecords()  # data.rand_augment_on=device's
+        self._apply_records = None  # data.rand_augment_on=device's (Triton's kernels: imported only for it)
 
     def prepare_data(self):  # rank 0 only: make the built-in dataset once
         if self.hparams.generate:
@@ -114,7 +113,8 @@ class ImageFolderDataModule(ShardedDataModule):
                                     color_jitter=h.color_jitter, auto_augment=h.auto_augment)
         train_tf = Compose([*train_tf.transforms, EraseBoxes(h.re_prob, h.re_count)])
         if h.rand_augment_on == "device" and h.auto_augment:  # the workers draw RandAugment's ops, the device applies them
-            train_tf = RecordedRandAugment(train_tf)
+            from vimexp.data.device_augment import GraphedRecords, RecordedRandAugment
+            train_tf, self._apply_records = RecordedRandAugment(train_tf), GraphedRecords()
         eval_tf = create_transform(**common, is_training=False, crop_pct=h.crop_pct)
         self.train_set = CheckedImageFolder(self.root / "train", train_tf, seed=self.hparams.seed)
         self.val_set = CheckedImageFolder(self.root / val_split, eval_tf)
