@@ -11,7 +11,6 @@ of its log (kept beside it under bench.work) and the others go on. Writes result
 import csv
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from vimexp import VimexpError
 from vimexp.bench import command, pick_device, say
 from vimexp.bench.backbones import PRECISIONS, measure
+from vimexp.bench.ddp import train
 from vimexp.bench.timing import spin_up
 from vimexp.data.synthetic import ensure_photo_folder
 from vimexp.record import environment, write_json
@@ -30,14 +30,14 @@ def cli_run(run_dir: Path, overrides: list[str], timeout_min: float) -> dict:
     """One training run through the CLI, its log in run_dir/stdout.log: the img/s of each epoch, or why it failed."""
     if run_dir.exists() and any(run_dir.iterdir()):  # the CLI would resume the run there, and append to its metrics
         raise VimexpError(f"{run_dir} holds an earlier run: set bench.work to a new directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    process = train(run_dir, overrides, gpus="0")
+    try:
+        rc = process.wait(timeout=60 * timeout_min)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        rc = f"timed out after bench.timeout_min={timeout_min}"
     log = run_dir / "stdout.log"
-    with open(log, "w") as out:
-        try:
-            rc = subprocess.run([sys.executable, "-m", "vimexp.train", *overrides, f"hydra.run.dir={run_dir}"],
-                                stdout=out, stderr=subprocess.STDOUT, timeout=60 * timeout_min).returncode
-        except subprocess.TimeoutExpired:
-            rc = f"timed out after bench.timeout_min={timeout_min}"
     epochs = []
     for metrics in run_dir.glob("**/metrics.csv"):
         with open(metrics) as f:

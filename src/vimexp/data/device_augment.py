@@ -148,7 +148,7 @@ def apply_records(images: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
         raise VimexpError("data.rand_augment_on=device needs a CUDA device: set data.rand_augment_on=workers")
     images = images.contiguous()  # the kernel's layout
     n, _, h, w = images.shape
-    block = triton.next_power_of_2(h * w) if not images.is_cuda else BLOCK  # the interpreter: an image a program
+    block = _block(images, BLOCK)
     side, centre = (float(np.float32(x) / np.float32(13)) for x in (1, 5))  # SMOOTH's weights, float32
     for layer in range(records.shape[1]):
         codes, args = records[:, layer, 0], records[:, layer, 1:].contiguous()
@@ -210,11 +210,16 @@ BLOCK = 1024  # output pixels a program (all three channels)
 HIST_BLOCK = 4096  # pixels a program of the histograms
 
 
+def _block(x: torch.Tensor, on_gpu: int) -> int:
+    """Pixels a program: `on_gpu`, or in Triton's interpreter a whole image (a program costs it far more)."""
+    return on_gpu if x.is_cuda else triton.next_power_of_2(x.shape[2] * x.shape[3])
+
+
 def _histograms(x: torch.Tensor) -> torch.Tensor:
     """Each image's histograms of red, green, blue and grey (Convert.c's L): (B, 4, 256) int64. The statistics of
     every point op (each channel's range, equalize's table, the mean grey level) follow from them."""
     n, _, h, w = x.shape
-    block = triton.next_power_of_2(h * w) if not x.is_cuda else HIST_BLOCK
+    block = _block(x, HIST_BLOCK)
     programs = triton.cdiv(h * w, block)
     hist = torch.zeros(n, 4, 256, dtype=torch.int32, device=x.device)
     _histogram_kernel[(n, programs)](x, hist, h * w, BLOCK=block)
