@@ -176,8 +176,9 @@ def test_pipeline_bench_runs_the_cli_per_variant_and_keeps_a_failed_runs_log(tmp
     its exit status and the end of its log, the others measured, and the bench ends with a one-line error."""
     run = run_cli("bench", "bench=pipeline", "device=cpu", "kernel=torch", "warmup=1", "repeats=1", "iters=1",
                   "bench.res=32", "bench.batch=4", "bench.workers=0", "bench.epochs=1", "bench.precision=fp32",
-                  f"bench.photo={{root:'{tmp_path / 'jpegs'}',classes:2,train_per_class:12,val_per_class:2,"
-                  "width:80,height:60}", "~bench.models", "+bench.models={tiny:{experiment:imagenet_vim_ti,"
+                  "bench.photo.classes=2", "bench.photo.train_per_class=12", "bench.photo.val_per_class=2",
+                  "bench.photo.width=80", "bench.photo.height=60", "~bench.models",  # root: the default, under data_dir
+                  "+bench.models={tiny:{experiment:imagenet_vim_ti,"
                   "name:vim_ti,depth:2}}", "~bench.variants",
                   "+bench.variants={workers:['data.rand_augment_on=workers'],bad:['data.rand_augment_on=nowhere']}",
                   f"bench.work={tmp_path / 'runs'}", "bench.train_overrides=['data.mixup_group=4']",
@@ -190,3 +191,4 @@ def test_pipeline_bench_runs_the_cli_per_variant_and_keeps_a_failed_runs_log(tmp
     assert ok["share_of_step"] == [round(ok["epochs_img_per_sec"][0] / row["step_img_per_sec"], 3)]
     assert bad["status"] == "failed" and bad["exit"] == 2 and "rand_augment_on=nowhere" in bad["log_tail"]
     assert (tmp_path / "runs" / "tiny_bad" / "stdout.log").is_file()
+    assert len(list((tmp_path / "data" / "photo_jpegs" / "train").glob("*/*.JPEG"))) == 24

@@ -62,7 +62,7 @@ def run(cfg) -> dict:
     if b.precision not in PRECISIONS:
         raise VimexpError(f"bench.precision={b.precision}: choose one of {', '.join(PRECISIONS)}")
     device = pick_device(cfg.device)
-    photo = OmegaConf.to_container(b.photo)
+    photo = OmegaConf.to_container(b.photo, resolve=True)
     root = ensure_photo_folder(photo.pop("root"), **photo)
     common = [f"data.root={root}", f"data.num_classes={photo['classes']}", f"data.batch_size={b.batch}",
               f"data.img_size={b.res}", f"data.num_workers={b.workers}", f"trainer.max_epochs={b.epochs}",
