@@ -5,6 +5,7 @@ import os
 import signal
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,3 +180,32 @@ def test_divergence_under_graphs_stops_with_good_checkpoints(tiny_data, tmp_path
     for ckpt in (out / "checkpoints").glob("*.ckpt"):
         weights = torch.load(ckpt, weights_only=False)["state_dict"]
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), ckpt
+
+
+class ForbidGpuSyncs(L.Callback):
+    """Any GPU sync is an error from the end of the 3rd training batch to the start of the 17th (the logger's first
+    write, at log_every_n_steps=20, comes after) or the epoch's last but one."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 2:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx >= min(16, trainer.num_training_batches - 2):
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rand_augment_on", ["workers", "device"])
+def test_training_steps_never_wait_for_the_gpu(rand_augment_on, tiny_data, tmp_path):
+    """The CLI's steps (loader hooks, mixup, graphs, divergence flags, EMA, progress bar) make no GPU sync, so the
+    host queues the next step while the GPU runs this one; a sync fails the run, naming the call."""
+    tests = os.path.dirname(__file__)
+    run = run_cli("train", *data_overrides(tiny_data), *GPU_RUN, "data.batch_size=4", "trainer.max_epochs=1",
+                  "callbacks.step_checkpoint.every_n_train_steps=1000", "data.auto_augment=rand-m9-mstd0.5-inc1",
+                  f"data.rand_augment_on={rand_augment_on}",
+                  "+callbacks.forbid_syncs._target_=test_cuda_graph.ForbidGpuSyncs", f"hydra.run.dir={tmp_path / 'run'}",
+                  cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "captured as CUDA graphs" in run.stdout + run.stderr

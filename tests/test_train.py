@@ -1,6 +1,7 @@
 """The framework through its real configs and CLI: every experiment runs, runs leave a full record, resume is exact."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,7 @@ def test_cli_run_leaves_a_complete_record_and_eval_reproduces_it(tiny_data, tmp_
     assert run.stdout.strip().splitlines()[-1].startswith("results in ")  # the last line: no W&B summary after it
     for noise in ("Tip:", "eval mode", "Trainable params", "TPU", "Run summary", "anonymous", "LeafSpec"):
         assert noise not in run.stdout + run.stderr, noise  # Lightning's and W&B's
+    assert re.search(r"train/loss=\d", run.stdout)  # the bar shows the loss (logged without Lightning's prog_bar)
     assert f"results in {run_dir.resolve()} (results.json, curves.png, checkpoints/, metrics.csv)" in run.stdout
     with Image.open(run_dir / "curves.png") as curves:  # loss, lr, top-1 raw and EMA: three 500 x 380 px panels
         curves.verify()

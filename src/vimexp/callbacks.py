@@ -1,11 +1,12 @@
 """What keeps a long run trustworthy, as Lightning callbacks: RNG streams that depend only on the position in training
-(so a resumed run draws what a straight one does), the run's config in every checkpoint, a stop on divergence, and a
-checkpoint on preemption (SIGTERM, SIGUSR1) or Ctrl-C."""
+(so a resumed run draws what a straight one does), the run's config in every checkpoint, a stop on divergence, a
+checkpoint on preemption (SIGTERM, SIGUSR1) or Ctrl-C, and a progress bar that never waits for the GPU."""
 import signal
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 
@@ -172,3 +173,31 @@ class CheckpointOnSignal(L.Callback):
         name = signal.Signals(signum).name
         raise RunInterrupted(f"stopped by {name} at step {trainer.global_step}, checkpoint {path} written; "
                              f"resume with: {self.resume_command}", signum)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing the training metrics named in `show` (logged without prog_bar) without syncing
+    the GPU. Lightning turns every prog_bar metric into a Python number after every batch: a sync a step that left
+    the GPU idle while the host prepared the next batch (docs/optimisation.md, step 43). Here each refresh starts a
+    copy of the metrics to pinned host memory and shows the latest copy that has landed: one refresh behind."""
+
+    def __init__(self, refresh_rate: int = 10, show: list[str] | tuple = ("train/loss",)):
+        super().__init__(refresh_rate=refresh_rate)
+        self.show, self._copies, self._shown = list(show), [], {}
+
+    def get_metrics(self, trainer, pl_module):
+        while self._copies and self._copies[0][0].query():  # landed: the newest such copy wins
+            _, names, values = self._copies.pop(0)
+            self._shown = dict(zip(names, values.tolist()))
+        names = [k for k in self.show if isinstance(trainer.callback_metrics.get(k), torch.Tensor)]
+        if names:
+            values = torch.stack([trainer.callback_metrics[k].detach().float().reshape(()) for k in names])
+            if values.is_cuda:
+                host = torch.empty(len(names), pin_memory=True)
+                host.copy_(values, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                self._copies.append((done, names, host))
+            else:
+                self._shown = dict(zip(names, values.tolist()))
+        return {**super().get_metrics(trainer, pl_module), **self._shown}

@@ -103,7 +103,7 @@ class ClassificationTask(RunBookkeeping, L.LightningModule):
         else:
             loss = F.cross_entropy(net(images), targets, label_smoothing=self.hparams.smoothing)
         self.train_loss(loss)
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True)
         return loss
 
     # ----- validation: raw and EMA weights

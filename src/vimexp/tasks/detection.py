@@ -58,7 +58,7 @@ class DetectionTask(RunBookkeeping, L.LightningModule):
         loss = sum(losses.values())
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True,
                       batch_size=len(images))
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(images))
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -82,7 +82,7 @@ class SegmentationTask(RunBookkeeping, L.LightningModule):
         loss = seg_loss(logits, labels, self.hparams.loss_avg_non_ignore)
         if aux is not None:
             loss = loss + self.hparams.aux_weight * seg_loss(aux, labels, self.hparams.loss_avg_non_ignore)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
