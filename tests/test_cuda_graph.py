@@ -3,6 +3,7 @@ the optimizer and the real CLI (kill -9 and resume, divergence), and when a run 
 import copy
 import os
 import signal
+import threading
 from types import SimpleNamespace
 
 import lightning as L
@@ -133,6 +134,34 @@ def test_optimizer_steps_between_replays_train_as_eager_steps_do(kernel, tol):
     assert "forward" in model.__dict__
     graphed.release()
     assert "forward" not in model.__dict__ and graphed.shape is None
+
+
+def allocate_pinned_memory_until(stop: threading.Event, errors: list):
+    """What the loader's pin-memory thread does in a run's first batches: fresh pinned allocations, and frees."""
+    try:
+        while not stop.is_set():
+            torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+            torch._C._host_emptyCache()  # so that the next one allocates anew
+    except Exception as e:
+        errors.append(e)
+
+
+@pytest.mark.gpu
+@gpu
+def test_capture_counts_only_its_own_threads_cuda_calls():
+    """A thread allocating pinned memory during the capture (the loader's pin-memory thread) neither invalidates it
+    nor fails itself: in make_graphed_callables' default global mode it did, now and then, stopping the run."""
+    model = create_model("vim_ti", depth=2).cuda().train()
+    graphed, x = GraphedTraining(model), torch.randn(4, 3, 224, 224, device="cuda")
+    stop, errors = threading.Event(), []
+    thread = threading.Thread(target=allocate_pinned_memory_until, args=(stop, errors))
+    thread.start()
+    try:
+        graphed(x).sum().backward()
+    finally:
+        stop.set()
+        thread.join()
+    assert graphed.shape == x.shape and not errors, errors
 
 
 # the CLI on the GPU, graphs on by default: a tiny Vim on the built-in shapes (tests/test_faults.py's run), torch

@@ -2,6 +2,9 @@
 each instead of hundreds of kernels, so the host's Python no longer bounds a step. A fused Vim-S step at batch 128
 spends 71 ms of its 109 ms enqueueing kernels on the H200's host, and the CLI's loop, EMA, callbacks and loader
 thread come on top (docs/optimisation.md, step 27). The optimizer, EMA and everything else stay eager."""
+import inspect
+from contextlib import contextmanager
+
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -48,8 +51,9 @@ class GraphedTraining:
         autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)  # graphs need it off
         try:
-            with autocast:
-                torch.cuda.make_graphed_callables(self.model, (images.detach().clone(),), allow_unused_input=True)
+            with autocast, thread_local_capture() as mode:
+                torch.cuda.make_graphed_callables(self.model, (images.detach().clone(),), allow_unused_input=True,
+                                                  **mode)
         except torch.OutOfMemoryError:
             raise VimexpError(f"out of GPU memory capturing the training step as a CUDA graph (batch "
                               f"{tuple(images.shape)}; the capture holds a step's activations beside its warm-up's): "
@@ -61,3 +65,20 @@ class GraphedTraining:
         self.shape = images.shape
         rank_zero_info(f"training forward and backward captured as CUDA graphs (batch {tuple(images.shape)}); "
                        "task.cuda_graph=false runs them eagerly")
+
+
+@contextmanager
+def thread_local_capture():
+    """make_graphed_callables' keyword arguments for a capture in which only this thread's CUDA calls count: in its
+    default global mode, the loader's pin-memory thread allocating pinned memory meanwhile invalidates the capture
+    (cudaErrorStreamCaptureInvalidated, now and then, docs/optimisation.md step 43). torch >= 2.12 takes the mode;
+    before it, the torch.cuda.graph that make_graphed_callables opens is given it for the duration."""
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        yield {"capture_error_mode": "thread_local"}
+        return
+    graph = torch.cuda.graph
+    torch.cuda.graph = lambda *args, **kwargs: graph(*args, **{**kwargs, "capture_error_mode": "thread_local"})
+    try:
+        yield {}
+    finally:
+        torch.cuda.graph = graph
