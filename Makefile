@@ -52,7 +52,7 @@ bench-train-hier:  ## training throughput and memory at 224 px, Hier-Vim-T/S/B a
 bench-mixer:  ## the bimamba v2 mixer alone, fused Triton kernels vs mamba-ssm (BENCH_ARGS=bench.sweep=true: every block size)
 	$(PY) -m vimexp.bench bench=mixer $(BENCH_ARGS)
 
-bench-ddp:  ## on N GPUs of one host: DDP scaling efficiency, 1-vs-N-GPU equivalence and a DDP multirun (Vim-S, 224 px)
+bench-ddp:  ## on N GPUs of one host: DDP scaling (1, 2, 4 .. N), 1-vs-N equivalence, a DDP multirun, a killed rank resumed (Vim-S, 224 px)
 	$(PY) -m vimexp.bench bench=ddp bench.devices=$(or $(DEVICES),2) bench.record=experiments/results/ddp.json $(BENCH_ARGS)
 
 bench-pipeline:  ## the CLI on generated JPEGs against the model step alone (Vim-Ti/S; RandAugment in the workers, on the device)

@@ -1,22 +1,27 @@
 """Data-parallel training on several GPUs of one host, measured through the real CLI (`python -m vimexp.train`):
 
-    python -m vimexp.bench bench=ddp [bench.devices=2] [bench.phases=[throughput,equivalence,multirun]]
+    python -m vimexp.bench bench=ddp [bench.devices=2] [bench.phases=[throughput,equivalence,multirun,kill_rank]]
         [bench.record=FILE.json] [bench.train_overrides=[OVERRIDE,...]]
 
-throughput   the same per-device batch on 1 GPU and on N (trainer=ddp): training img/s of the last epoch
+throughput   the same per-device batch on 1 GPU, 2, 4, ... and N (trainer=ddp): training img/s of the last epoch
              (results.json, first batch of the epoch excluded, data loading and EMA included);
-             scaling efficiency = N-GPU img/s / (N x 1-GPU img/s).
+             scaling efficiency = k-GPU img/s / (k x 1-GPU img/s).
 equivalence  the same seed and global batch on 1 GPU and on N GPUs (each loads batch / N), with mixup, cutmix and
              drop path off so that nothing random depends on how a batch is split: final validation accuracy and the
              weight gap, set beside two 1-GPU runs of the same seed (the run-to-run floor of bf16 and atomics) and
              a 1-GPU run of another seed (the seed-to-seed spread of the accuracy).
 multirun     a two-job Hydra sweep with trainer=ddp: one run directory, one results.json and one W&B run per job.
+kill_rank    kill -9 on the last process of an N-GPU run mid-epoch, after a step checkpoint: how long the run took to
+             fail, its exit status and last line; then the same command resumes it, set beside an uninterrupted run.
+
+bench.accelerator=cpu runs the same phases as gloo processes on the CPU (to try them out: no speed to read there).
 
 The record (bench.record, default out_dir/ddp.json) is merged into an existing file, so the phases can run in
 separate calls. The runs' directories go under bench.work.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,8 +49,10 @@ def base_overrides(b) -> list[str]:
         data = ["data=imagenet", f"data.root={root}", f"data.num_classes={photo['classes']}"]
     else:
         raise VimexpError(f"bench.data={b.data!r}: choose builtin or photo")
+    if b.accelerator not in ("gpu", "cpu"):
+        raise VimexpError(f"bench.accelerator={b.accelerator!r}: choose gpu or cpu")
     return ["experiment=imagenet_vim_s", *data, "trainer.precision=bf16-mixed", f"model.kernel={b.kernel}",
-            "logger=csv", f"data.num_workers={b.workers}"]
+            "logger=csv", f"data.num_workers={b.workers}", f"trainer.accelerator={b.accelerator}"]
 
 
 SAME_SPLIT = ["task.mixup=0", "task.cutmix=0", "model.drop_path_rate=0"]  # nothing random that a batch split changes
@@ -109,14 +116,25 @@ def weight_gap(a: dict, b: dict, init: dict | None = None) -> dict:
     return {k: float(f"{v:.3g}") for k, v in gap.items()}
 
 
+def device_counts(n: int) -> list[int]:
+    """1, the powers of two below n, and n."""
+    return sorted({1, n, *(2 ** k for k in range(1, n.bit_length()) if 2 ** k < n)})
+
+
+def ddp(n: int) -> list[str]:
+    return ["trainer=ddp", f"trainer.devices={n}"] if n > 1 else []
+
+
 def throughput(out: Path, n: int, base: list[str], batch: int, epochs: int, extra: list[str]) -> dict:
     common = [*base, f"trainer.max_epochs={epochs}", *extra]
-    wait(train(out / "tp_1gpu", [*common, f"data.batch_size={batch}"], "0"))
-    wait(train(out / f"tp_{n}gpu", [*common, f"data.batch_size={batch * n}", "trainer=ddp", f"trainer.devices={n}"],
-               first_gpus(n)))
-    one, many = result(out / "tp_1gpu"), result(out / f"tp_{n}gpu")
-    return {"per_device_batch": batch, "epochs": epochs, "one_gpu": one, f"{n}_gpus": many,
-            "scaling_efficiency": round(many["train_img_per_sec"] / (n * one["train_img_per_sec"]), 3)}
+    runs = {}
+    for k in device_counts(n):
+        wait(train(out / f"tp_{k}gpu", [*common, f"data.batch_size={batch * k}", *ddp(k)], first_gpus(k)))
+        runs[k] = result(out / f"tp_{k}gpu")
+    one = runs[1]["train_img_per_sec"]
+    return {"per_device_batch": batch, "epochs": epochs, "runs": {f"{k}_gpus": r for k, r in runs.items()},
+            "scaling_efficiency": {f"{k}_gpus": round(r["train_img_per_sec"] / (k * one), 3)
+                                   for k, r in runs.items() if k > 1}}
 
 
 def equivalence(out: Path, n: int, base: list[str], batch: int, epochs: int, extra: list[str]) -> dict:
@@ -159,7 +177,52 @@ def multirun(out: Path, n: int, base: list[str], extra: list[str]) -> dict:
             "sweep_runs_started": run.stdout.count("results in")}
 
 
-PHASES = ("throughput", "equivalence", "multirun")
+def rank_pid(rank0: int, rank: int) -> int:
+    """The process of local rank `rank` among the children the first process started (Lightning sets LOCAL_RANK)."""
+    for pid in Path(f"/proc/{rank0}/task/{rank0}/children").read_text().split():
+        if f"LOCAL_RANK={rank}\0".encode() in Path(f"/proc/{pid}/environ").read_bytes():
+            return int(pid)
+    raise VimexpError(f"no process of local rank {rank} under process {rank0}")
+
+
+def kill_rank(out: Path, n: int, base: list[str], batch: int, epochs: int, extra: list[str],
+              checkpoint_every: int) -> dict:
+    if n < 2:
+        raise VimexpError("bench.phases=[kill_rank] kills one process of a DDP run: set bench.devices to 2 or more")
+    common = [*base, *SAME_SPLIT, f"data.batch_size={batch * n}", f"trainer.max_epochs={epochs}", *ddp(n),
+              f"callbacks.step_checkpoint.every_n_train_steps={checkpoint_every}",
+              "callbacks.step_checkpoint.train_time_interval=null", *extra]
+    wait(train(out / "kill_straight", common, first_gpus(n)))
+    run_dir = out / "kill_run"
+    proc = train(run_dir, common, first_gpus(n))
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        if proc.poll() is not None:
+            raise VimexpError(f"the run to kill ended (exit {proc.returncode}) before its first step checkpoint: "
+                              f"lower bench.checkpoint_every; its log: {run_dir / 'stdout.log'}")
+        time.sleep(0.2)
+    os.kill(rank_pid(proc.pid, n - 1), signal.SIGKILL)
+    killed = time.time()
+    exit_status = proc.wait()
+    failed_after = time.time() - killed
+    deadline = time.time() + 60  # the other processes and the loader workers go within seconds of the first
+    while subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True).returncode == 0:
+        if time.time() > deadline:
+            raise VimexpError(f"processes of the killed run {run_dir} outlived it by a minute")
+        time.sleep(0.5)
+    log = run_dir / "stdout.log"
+    log.rename(run_dir / "killed.log")  # the resumed run writes its own
+    said = (run_dir / "killed.log").read_text().strip().replace("\r", "\n").splitlines()[-1]
+    said = said[said.find("error: "):] if "error: " in said else said  # past the progress bar's last refresh
+    wait(train(run_dir, common, first_gpus(n)))  # the same command resumes it
+    (straight, steps), (resumed, steps_resumed) = model_weights(out / "kill_straight"), model_weights(run_dir)
+    return {"world_size": n, "killed_local_rank": n - 1, "checkpoint_every": checkpoint_every,
+            "failed_after_s": round(failed_after, 1), "exit": exit_status, "last_line": said,
+            "resumed": "resuming from" in log.read_text(), "steps": [steps, steps_resumed],
+            "bitwise_equal": steps == steps_resumed and all(torch.equal(straight[k], resumed[k]) for k in straight),
+            "weights_straight_vs_resumed": weight_gap(straight, resumed, initial_weights(common, seed=0))}
+
+
+PHASES = ("throughput", "equivalence", "multirun", "kill_rank")
 
 
 def train_overrides_arg(overrides: list[str]) -> str:
@@ -173,24 +236,26 @@ def run(cfg) -> dict:
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         raise VimexpError(f"unknown bench.phases {unknown}: choose from {', '.join(PHASES)}")
-    if torch.cuda.device_count() < b.devices:
+    if b.accelerator == "gpu" and torch.cuda.device_count() < b.devices:
         raise VimexpError(f"bench.devices={b.devices} needs as many GPUs; this machine has {torch.cuda.device_count()}")
     work, out = Path(b.work).resolve(), Path(b.record)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(out.read_text()) if out.is_file() else {}
-    record.setdefault("environment", environment(torch.device("cuda")))
+    record.setdefault("environment", environment(torch.device("cuda" if b.accelerator == "gpu" else "cpu")))
     record["environment"]["gpus"] = torch.cuda.device_count()
     base = base_overrides(b)
     for phase in tqdm(phases, desc="bench", unit="phase"):
         started = time.time()
         if phase == "multirun":
             record[phase] = multirun(work, b.devices, base, extra)
+        elif phase == "kill_rank":
+            record[phase] = kill_rank(work, b.devices, base, b.batch, b.epochs, extra, b.checkpoint_every)
         else:
             record[phase] = globals()[phase](work, b.devices, base, b.batch, b.epochs, extra)
         record[phase]["command"] = record[phase].get("command") or command(
             "bench=ddp", f"bench.devices={b.devices}", f"bench.phases=[{phase}]", f"bench.batch={b.batch}",
             f"bench.epochs={b.epochs}", f"bench.data={b.data}", f"bench.kernel={b.kernel}",
-            f"bench.workers={b.workers}",
+            f"bench.workers={b.workers}", f"bench.accelerator={b.accelerator}",
             *([train_overrides_arg(extra)] if extra else []))
         record[phase]["base_overrides"] = base
         record[phase]["seconds"] = round(time.time() - started)

@@ -4,8 +4,8 @@ Pillow's arithmetic, so that the images equal the workers' own (`data.rand_augme
 Why: on a 16-core H200 host the workers bound the Vim-Ti CLI, and RandAugment is about a third of a worker's time
 an image (docs/optimisation.md, step 31). Measured there (experiments/results/loader/device_rand_augment/), the
 workers gain 32-48% and the device's half, a histogram kernel and one kernel a layer replayed as a CUDA graph,
-costs 1.7 ms of GPU time a batch of 128; the CLI gains a few percent at most (Vim-S 1,501 against 1,477-1,490
-img/s), so `workers` stays the default. The worker runs timm's own RandAugment object with each op's image
+costs 1.7 ms of GPU time a batch of 128; the CLI's Vim-Ti keeps 87-91% of its step against 67-73% in the workers
+(docs/optimisation.md, step 43). `workers` stays the default until both models are compared in one call. The worker runs timm's own RandAugment object with each op's image
 function swapped for a recorder, so every random draw (the ops, their application, magnitude and sign, the
 resampling filter) is timm's, in timm's order; the record of each op travels with the image. Written by hand
 because no library applies Pillow's integer and float rounding to batches: each op follows Pillow's C code
