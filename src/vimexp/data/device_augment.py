@@ -5,9 +5,10 @@ Why: on a 16-core H200 host the workers bound the Vim-Ti CLI, and RandAugment is
 an image (docs/optimisation.md, step 31). Measured there (experiments/results/loader/device_rand_augment/), the
 workers gain 32-48% and the device's half, a histogram kernel and one kernel a layer replayed as a CUDA graph,
 costs 1.7 ms of GPU time a batch of 128; the CLI's Vim-Ti keeps 87-91% of its step against 67-73% in the workers
-(docs/optimisation.md, step 43). `workers` stays the default until both models are compared in one call. The worker runs timm's own RandAugment object with each op's image
-function swapped for a recorder, so every random draw (the ops, their application, magnitude and sign, the
-resampling filter) is timm's, in timm's order; the record of each op travels with the image. Written by hand
+(docs/optimisation.md, step 43). `workers` stays the default until both models are compared in one call.
+The worker runs timm's own RandAugment object with each op's image function swapped for a recorder, so every
+random draw (the ops, their application, magnitude and sign, the resampling filter) is timm's, in timm's order;
+the record of each op travels with the image. Written by hand
 because no library applies Pillow's integer and float rounding to batches: each op follows Pillow's C code
 (libImaging's Geometry.c affine filters, Filter.c 3x3 kernel, Blend.c, Convert.c RGB to L; ImageOps for the
 look-up tables) step for step, float32 where Pillow computes in float and float64 where it computes in double,
