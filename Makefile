@@ -55,7 +55,7 @@ bench-mixer:  ## the bimamba v2 mixer alone, fused Triton kernels vs mamba-ssm (
 bench-ddp:  ## on N GPUs of one host: DDP scaling (1, 2, 4 .. N), 1-vs-N equivalence, a DDP multirun, a killed rank resumed (Vim-S, 224 px)
 	$(PY) -m vimexp.bench bench=ddp bench.devices=$(or $(DEVICES),2) bench.record=experiments/results/ddp.json $(BENCH_ARGS)
 
-bench-pipeline:  ## the CLI on generated JPEGs against the model step alone (Vim-Ti/S; RandAugment in the workers, on the device)
+bench-pipeline:  ## the CLI on generated JPEGs against the model step alone (Vim-Ti/S; RandAugment in the workers, on the device, with the resize)
 	$(PY) -m vimexp.bench bench=pipeline $(BENCH_ARGS)
 
 fig-speedup:  ## redraw the README's speed-up figure from the kept H200 runs (experiments/results/fused_scan/h200/)

@@ -164,6 +164,20 @@ def test_loader_bench_times_each_worker_count_on_generated_photo_jpegs(tmp_path)
     assert too_many.returncode == 2 and "bench.rounds=50 with 0 workers needs 51 batches" in message
 
 
+def test_loader_bench_times_the_workers_that_crop_and_leave_the_resize_to_the_device(tmp_path):
+    """data.resize_on=device through the real loaders (workers collate the crops end to end): the stages are the
+    decode, the crop and the draws that need only the image's size."""
+    run = run_cli("bench", "bench=loader", "bench.workers=[0,2]", "bench.batch=4", "bench.rounds=1",
+                  "bench.stage_images=5", f"bench.root={tmp_path / 'jpegs'}",
+                  "bench.generate={classes:2,train_per_class:12,val_per_class:2,width:80,height:60}",
+                  "bench.train_overrides=['data=imagenet','data.rand_augment_on=device','data.resize_on=device']",
+                  f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(r["img_per_sec"] > 0 for r in record["rows"])
+    assert list(record["stage_ms_per_image"]) == ["decode", "DeviceResizedCrop", "RandAugment", "after"]
+
+
 def test_photo_jpegs_weigh_what_imagenet_photos_do(tmp_path):
     from vimexp.data.synthetic import _photo
     _photo((tmp_path / "a.JPEG", [0, 1], 500, 375))

@@ -1,6 +1,7 @@
 """RandAugment on the device (data.rand_augment_on=device) against Pillow itself: each op on its own, pixel for pixel,
 and timm's whole train pipeline, image for image."""
 import random
+import re
 
 import numpy as np
 import pytest
@@ -101,9 +102,9 @@ def test_affine_ops_equal_pillow(resample):
 
 
 def test_imagenet_pipeline_gives_the_workers_images(tmp_path):
-    """DeiT's train pipeline at 224 px on ImageNet-sized JPEGs: with RandAugment on the device, every image of the
-    batch equals the one the workers make with timm's Pillow RandAugment, for the same sample keys; and the
-    records exercise every op."""
+    """DeiT's train pipeline at 224 px on ImageNet-sized JPEGs: with RandAugment on the device, and with the random
+    crop's resize there too, every image of the batch equals the one the workers make with timm's Pillow pipeline,
+    for the same sample keys; and the records exercise every op."""
     from torch.utils.data import default_collate
 
     from vimexp.data.imagefolder import ImageFolderDataModule
@@ -113,17 +114,19 @@ def test_imagenet_pipeline_gives_the_workers_images(tmp_path):
             for i in range(4):
                 picture(10 * c + i, size=(500, 375)).save(tmp_path / split / f"c{c}" / f"{i}.jpg", quality=90)
     batches, ops = {}, set()
-    for where in ("workers", "device"):
-        dm = ImageFolderDataModule(tmp_path, num_classes=2, batch_size=64, num_workers=0, rand_augment_on=where)
+    for augment, resize in (("workers", "workers"), ("device", "workers"), ("device", "device")):
+        dm = ImageFolderDataModule(tmp_path, num_classes=2, batch_size=64, num_workers=0, rand_augment_on=augment,
+                                   resize_on=resize)
         dm.setup()
         samples = [dm.train_set[(i, epoch, (0, 0))] for epoch in range(24) for i in range(8)]
-        batch = dm.on_before_batch_transfer(default_collate(samples), 0)
-        if where == "device":
+        batch = dm.on_before_batch_transfer((dm.collate_fn or default_collate)(samples), 0)
+        if augment == "device":
             ops = set(batch[3][:, :, 0].flatten().long().tolist())
         batch = dm.transfer_batch_to_device(batch, torch.device(DEVICE), 0)
-        batches[where] = dm.on_after_batch_transfer(batch, 0)[0].cpu()
+        batches[augment, resize] = dm.on_after_batch_transfer(batch, 0)[0].cpu()
     assert ops == set(range(da.CODES)) - {da.AFFINE_BILINEAR}  # DeiT's bicubic: every op, and 'none', drawn
-    assert torch.equal(batches["workers"], batches["device"])
+    assert torch.equal(batches["workers", "workers"], batches["device", "workers"])
+    assert torch.equal(batches["workers", "workers"], batches["device", "device"])
 
 
 @pytest.mark.gpu
@@ -201,3 +204,48 @@ def test_a_failed_capture_says_so_and_runs_eagerly(monkeypatch):
     with pytest.warns(UserWarning, match="runs eagerly"):
         out = graphed(images, records)
     assert torch.equal(out, images) and graphed.eager  # inverted twice
+
+
+@pytest.mark.parametrize("resample", [BICUBIC, BILINEAR])
+def test_crops_of_every_size_resize_on_the_device_as_pillow_resizes_them(resample):
+    """A batch of crops, the output's size, larger, smaller, much smaller and much taller (where Pillow 13 runs the
+    vertical pass first), resized on the device with the worker's coefficients: Pillow's pixels, flipped where
+    drawn."""
+    assert_resized_as_pillow(resample, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("resample", [BICUBIC, BILINEAR])
+def test_crops_resize_on_the_gpu_as_pillow_resizes_them(resample):
+    assert_resized_as_pillow(resample, "cuda")
+
+
+def assert_resized_as_pillow(resample, device):
+    size = (37, 41)  # height, width
+    samples, expected = [], []
+    for seed, (w, h) in enumerate([(41, 37), (500, 375), (20, 15), (97, 211), (300, 40), (41, 90), (45, 400)]):
+        img, flip = picture(seed, size=(w, h)), seed % 2 == 1
+        crop = ((np.asarray(img), *da.resize_passes(h, w, size, resample)), flip)
+        samples.append(((crop, torch.zeros(1, 5), torch.zeros(2, da.RECORD)), seed))
+        reference = img.resize(size[::-1], resample)
+        expected.append(np.asarray(reference.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else reference))
+    (crops, boxes, records), targets = da.collate_crops(samples)
+    assert boxes.shape == (7, 1, 5) and records.shape == (7, 2, da.RECORD) and targets.tolist() == list(range(7))
+    crops = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in crops.items()}
+    out = da.resize_crops(crops, size).permute(0, 2, 3, 1).cpu().numpy()
+    for (w, h), got, want in zip([(41, 37), (500, 375), (20, 15), (97, 211), (300, 40), (41, 90), (45, 400)], out,
+                                 expected):
+        assert np.array_equal(got, want), ((w, h), np.abs(got.astype(int) - want).max())
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (dict(resize_on="nowhere"), "data.resize_on=nowhere is not a place: use workers or device"),
+    (dict(resize_on="device"), "data.resize_on=device comes with RandAugment on the device: set data.rand_augment_on="),
+    (dict(resize_on="device", rand_augment_on="device", auto_augment=None), "data.resize_on=device comes with"),
+])
+def test_resize_on_the_device_without_randaugment_there_is_refused_in_one_line(overrides, says, tmp_path):
+    from vimexp import VimexpError
+    from vimexp.data.imagefolder import ImageFolderDataModule
+    with pytest.raises(VimexpError, match=re.escape(says)):
+        ImageFolderDataModule(tmp_path, num_classes=2, **overrides)

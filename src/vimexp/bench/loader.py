@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 from torchvision.transforms import Compose
 from tqdm import tqdm
 
@@ -46,9 +47,17 @@ def stage_ms_per_image(dataset, images: int) -> dict[str, float]:
     """A worker's time an image, stage by stage, in this process: the decode, then each step of the train transform
     (RandAugment's recording as one step where data.rand_augment_on=device), over `images` seeded samples."""
     tf = dataset.transform  # a Compose, or device_augment.RecordedRandAugment's three parts
-    steps = list(tf.transforms) if isinstance(tf, Compose) else [*tf.before.transforms, tf.rand_augment,
-                                                                 *tf.after.transforms]
-    totals = dict.fromkeys(["decode", *(type(step).__name__ for step in steps)], 0.0)
+    if isinstance(tf, Compose):
+        steps = list(tf.transforms)
+    elif tf.crop is None:
+        steps = [*tf.before.transforms, tf.rand_augment, *tf.after.transforms]
+    else:  # data.resize_on=device: the crop drawn and cut, then the draws that need only the image's size
+        steps = [tf.crop, lambda _: tf.rand_augment(Image.new("RGB", tf.crop.size[::-1])),
+                 lambda _: tf.after(torch.empty(3, *tf.crop.size, dtype=torch.uint8))]
+        for step, name in zip(steps[1:], ("RandAugment", "after")):
+            step.__name__ = name
+    name = lambda step: getattr(step, "__name__", type(step).__name__)  # noqa: E731
+    totals = dict.fromkeys(["decode", *map(name, steps)], 0.0)
     for i in range(images):
         with seeded(0, 0, i, 0):
             start = time.perf_counter()
@@ -57,7 +66,7 @@ def stage_ms_per_image(dataset, images: int) -> dict[str, float]:
             for step in steps:
                 start = time.perf_counter()
                 x = step(x)
-                totals[type(step).__name__] += time.perf_counter() - start
+                totals[name(step)] += time.perf_counter() - start
     return {name: round(1e3 * t / images, 3) for name, t in totals.items()}
 
 

@@ -13,10 +13,16 @@ because no library applies Pillow's integer and float rounding to batches: each 
 (libImaging's Geometry.c affine filters, Filter.c 3x3 kernel, Blend.c, Convert.c RGB to L; ImageOps for the
 look-up tables) step for step, float32 where Pillow computes in float and float64 where it computes in double,
 with no fused multiply-adds. tests/test_device_augment.py checks each op, and whole pipelines, against Pillow.
+
+`data.resize_on=device` (with RandAugment on the device) moves the random resized crop's resize there too: the
+worker cuts the crop and computes Pillow's resampling coefficients, the device runs Pillow's two fixed-point passes
+in the order the installed Pillow would (see the section below).
 """
 import copy
+import functools
 import math
 import os
+import random
 import warnings
 
 import numpy as np
@@ -26,7 +32,9 @@ import triton.language as tl
 from PIL import Image
 from timm.data import auto_augment as timm_aa
 from timm.data.auto_augment import RandAugment
+from torch.utils.data import default_collate
 from torchvision.transforms import Compose
+from torchvision.transforms.functional import pil_modes_mapping
 
 from vimexp import VimexpError
 from vimexp.data import compat
@@ -102,15 +110,18 @@ _RECORDERS = {
 
 class RecordedRandAugment:
     """The train transform with timm's RandAugment recorded, not applied: image -> (image, erase boxes, records),
-    records (layers, RECORD) float64. Every other transform runs as before, in the same order."""
+    records (layers, RECORD) float64. Every other transform runs as before, in the same order; with
+    `resize_on_device`, the random resized crop and the flip before RandAugment are drawn, not applied, and the
+    image is the crop, as DeviceResizedCrop returns it."""
 
-    def __init__(self, transform: Compose):
+    def __init__(self, transform: Compose, resize_on_device: bool = False):
         steps = list(transform.transforms)
         at = next((i for i, t in enumerate(steps) if isinstance(t, RandAugment)), None)
         if at is None:
             raise VimexpError("data.rand_augment_on=device needs RandAugment (data.auto_augment=rand-...): "
                               "set data.rand_augment_on=workers for other augmentations")
         self.before, self.after = Compose(steps[:at]), Compose(steps[at + 1:])
+        self.crop = _device_crop(steps[:at], steps[at + 1:]) if resize_on_device else None
         self.rand_augment = copy.copy(steps[at])
         self.rand_augment.ops = [self._recording(op) for op in self.rand_augment.ops]
         self._records = []
@@ -129,14 +140,32 @@ class RecordedRandAugment:
         return op
 
     def __call__(self, img):
-        img = self.before(img)
+        if self.crop is None:
+            img = self.before(img)
+        else:  # the recorders read only the image's size
+            crop, img = self.crop(img), Image.new("RGB", self.crop.size[::-1])
         self._records = []
         img = self.rand_augment(img)  # draws as timm does; each applied op appends its record
         records = torch.zeros(self.rand_augment.num_layers, RECORD, dtype=torch.float64)
         for row, record in zip(records, self._records):  # ops drawn not to apply recorded nothing: code 0
             row[:len(record)] = torch.tensor(record, dtype=torch.float64)
-        image, boxes = self.after(img)
-        return image, boxes, records
+        if self.crop is None:
+            image, boxes = self.after(img)
+            return image, boxes, records
+        _, boxes = self.after(torch.empty(3, *self.crop.size, dtype=torch.uint8))  # the erase boxes' draws
+        return crop, boxes, records
+
+
+def _device_crop(before: list, after: list):
+    """DeviceResizedCrop for DeiT's steps around RandAugment: a random resized crop and a flip before it, the
+    conversion to a tensor and the erase boxes after it (which draw from the image's size only)."""
+    names = [type(t).__name__ for t in before]
+    crop_and_flip = ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    if names not in (crop_and_flip[:1], crop_and_flip) \
+            or any(type(t).__name__ not in ("MaybePILToTensor", "EraseBoxes") for t in after):
+        raise VimexpError(f"data.resize_on=device needs timm's random resized crop and flip before RandAugment, not "
+                          f"{names}: set data.resize_on=workers")
+    return DeviceResizedCrop(*before)
 
 
 # ---- the device's half: the records applied, with Pillow's arithmetic ----
@@ -426,3 +455,176 @@ def _apply_layer(SRC, DST, CODE, ARGS, TABLES, side, centre, H, W, BLOCK: tl.con
     else:  # a point op (or none): its table
         out = tl.load(TABLES + b * 768 + c[:, None] * 256 + v.to(tl.int32), mask=ok, other=0)
     tl.store(DST + b * 3 * hw + at, out, mask=ok)
+
+
+# ---- the random resized crop's resize on the device (data.resize_on=device) ----
+# The worker draws the crop, its filter and the flip as timm does, and ships the crop's pixels with Pillow's
+# coefficients for resizing it; the device resizes with Pillow's fixed-point arithmetic (Resample.c: one pass along
+# each axis, the first rounded to uint8), then flips. Why: the resize is about a third of a worker's time an image
+# (docs/optimisation.md, step 42), and no library resizes a batch of crops of different sizes as Pillow does.
+
+PRECISION_BITS = 22  # Resample.c: 32 bits less 8 a channel less 2 of headroom
+# Pillow 13 runs the vertical pass first when the height shrinks by more than twice what the width does
+PILLOW_PICKS_ORDER = int(Image.__version__.split(".")[0]) >= 13
+PASS = 8  # a pass's row a crop: source offset, source width, first source row, out rows, out columns, out offset,
+#           axis (0: along rows, 1: along columns), flip
+
+
+def _bicubic(x):  # Resample.c's bicubic_filter (a = -0.5), in its order of operations
+    x = np.abs(x)
+    return np.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0))
+
+
+def _bilinear(x):
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+_FILTERS = {Image.Resampling.BICUBIC: (2.0, _bicubic), Image.Resampling.BILINEAR: (1.0, _bilinear)}
+
+
+@functools.lru_cache(maxsize=8192)  # a worker meets each crop side again and again
+def resize_coefficients(in_size: int, out_size: int, resample) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's coefficients for one axis of resizing a whole image (precompute_coeffs, normalize_coeffs_8bpc):
+    (out_size, 2) rows of (first source pixel, count) and (out_size, taps) weights in fixed point, int32, read-only
+    (cached)."""
+    if resample not in _FILTERS:
+        raise VimexpError(f"data.resize_on=device resizes bicubic or bilinear, not {resample}: "
+                          "set data.resize_on=workers")
+    support, kernel = _FILTERS[resample]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    taps = math.ceil(support) * 2 + 1
+    center = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C's (int): toward zero
+    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    x = np.arange(taps)
+    w = np.where(x < count[:, None], kernel(((x + first[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+    total = np.zeros(out_size)
+    for column in w.T:  # summed in Pillow's order
+        total = total + column
+    w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
+    fixed = np.trunc(np.where(w < 0, -0.5, 0.5) + w * (1 << PRECISION_BITS)).astype(np.int32)
+    bounds = np.stack([first, count], 1).astype(np.int32)
+    bounds.flags.writeable = fixed.flags.writeable = False
+    return bounds, fixed
+
+
+class DeviceResizedCrop:
+    """The worker's half of timm's RandomResizedCropAndInterpolation and the flip after it: the same draws, in the
+    same order, and no pixel work beyond the crop. Returns ((crop pixels (h, w, 3) uint8, first pass, second pass),
+    flip) for `collate_crops`; `size` is the resized image's (height, width)."""
+
+    def __init__(self, crop, flip=None):
+        self.crop, self.flip, self.size = crop, flip, tuple(crop.size)
+
+    def __call__(self, img):
+        top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        mode = self.crop.interpolation
+        mode = random.choice(mode) if isinstance(mode, (tuple, list)) else mode
+        flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)
+        img = img if img.mode == "RGB" else img.convert("RGB")  # the loader's images are RGB already: no copy
+        pixels = np.asarray(img.crop((left, top, left + w, top + h)))
+        return (pixels, *resize_passes(h, w, self.size, pil_modes_mapping[mode])), flip
+
+
+def resize_passes(h: int, w: int, size: tuple[int, int], resample) -> tuple[tuple, tuple]:
+    """Pillow's two passes resizing (h, w) to size (height, width), in its order, each as (axis: 0 along rows,
+    1 along columns; first source row it reads; its output's rows and columns; bounds; weights)."""
+    rows, row_weights = resize_coefficients(h, size[0], resample)
+    cols, col_weights = resize_coefficients(w, size[1], resample)
+    if PILLOW_PICKS_ORDER and 0 < h - size[0] and h - size[0] > 2 * (w - size[1]):
+        return (1, 0, size[0], w, rows, row_weights), (0, 0, size[0], size[1], cols, col_weights)
+    first, last = int(rows[0, 0]), int(rows[-1, 0] + rows[-1, 1])  # the horizontal pass keeps the rows used
+    shifted = np.stack([rows[:, 0] - first, rows[:, 1]], 1)
+    return (0, first, last - first, size[1], cols, col_weights), (1, 0, size[0], size[1], shifted, row_weights)
+
+
+def collate_crops(samples):
+    """torch's default collate, but for the training crops, whose sizes differ: their pixels end to end, and for
+    each pass a PASS row a crop and its coefficients (padded to the batch's most), with the sizes the launches
+    need. A training sample is ((crop, boxes, records), target), the crop as DeviceResizedCrop returns it; other
+    samples go to torch's collate."""
+    if not (isinstance(samples[0][0], (tuple, list)) and isinstance(samples[0][0][0], tuple)):
+        return default_collate(samples)
+    crops = [s[0][0] for s in samples]
+    (boxes, records), targets = default_collate([(s[0][1:], s[1]) for s in samples])
+    meta, at, between = ([], []), 0, 0
+    for (pixels, first, second), flip in crops:
+        meta[0].append([at, pixels.shape[1], *first[1:4], between, first[0], 0])
+        meta[1].append([between, first[3], *second[1:4], 0, second[0], flip])
+        at += pixels.size
+        between += first[2] * first[3] * 3
+    batch = {"pixels": torch.from_numpy(np.concatenate([c[0][0].reshape(-1) for c in crops])), "between": between,
+             "most": max(m[3] * m[4] for m in meta[0])}
+    for p in (0, 1):
+        lines = max(c[0][1 + p][4].shape[0] for c in crops)
+        taps = max(c[0][1 + p][5].shape[1] for c in crops)
+        pad = lambda a, cols: np.pad(a, ((0, lines - a.shape[0]), (0, cols - a.shape[1])))  # noqa: E731
+        batch[f"meta{p}"] = torch.tensor(meta[p], dtype=torch.int64)
+        batch[f"bounds{p}"] = torch.from_numpy(np.stack([pad(c[0][1 + p][4], 2) for c in crops]))
+        batch[f"weights{p}"] = torch.from_numpy(np.stack([pad(c[0][1 + p][5], taps) for c in crops]))
+    return [batch, boxes, records], targets
+
+
+def resize_crops(crops: dict, size: tuple[int, int]) -> torch.Tensor:
+    """The collated crops resized to `size` (height, width) and flipped where drawn: (B, 3, height, width) uint8,
+    Pillow's pixels. Two launches, their grids from host-side sizes: the host never waits for the device."""
+    pixels = crops["pixels"]
+    if not pixels.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise VimexpError("data.resize_on=device needs a CUDA device: set data.resize_on=workers")
+    n, (height, width) = crops["meta0"].shape[0], size
+    between = torch.empty(crops["between"], dtype=torch.uint8, device=pixels.device)
+    out = torch.empty(n, 3, height, width, dtype=torch.uint8, device=pixels.device)
+    for p, src, dst, most in ((0, pixels, between, crops["most"]), (1, between, out, height * width)):
+        block = BLOCK if pixels.is_cuda else triton.next_power_of_2(most)
+        bounds, weights = crops[f"bounds{p}"], crops[f"weights{p}"]
+        _resize_pass[(n, triton.cdiv(most, block))](
+            src, dst, crops[f"meta{p}"], bounds, weights, bounds.shape[1], weights.shape[2], height, width,
+            FINAL=p == 1, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _clip8(v):  # Resample.c's clip8: the fixed-point sum's integer part, clamped
+    return tl.minimum(tl.maximum(v >> 22, 0), 255).to(tl.uint8)
+
+
+@triton.jit
+def _resize_pass(SRC, DST, META, BOUNDS, WEIGHTS, lines, taps, height, width, FINAL: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """One pass of each crop along its axis (its PASS row): into uint8 (rows, columns, 3) at its offset, or
+    (FINAL) into DST (B, 3, height, width), flipped where drawn."""
+    b = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    src_at, src_cols, first = tl.load(META + b * 8), tl.load(META + b * 8 + 1), tl.load(META + b * 8 + 2)
+    rows, cols, dst_at = tl.load(META + b * 8 + 3), tl.load(META + b * 8 + 4), tl.load(META + b * 8 + 5)
+    axis, flip = tl.load(META + b * 8 + 6), tl.load(META + b * 8 + 7)
+    ok = i < rows * cols
+    row, col = i // cols, i % cols
+    j = tl.where(axis == 0, col, row)  # the output position along the axis: its coefficients' row
+    start = tl.load(BOUNDS + (b * lines + j) * 2, mask=ok, other=0)
+    count = tl.load(BOUNDS + (b * lines + j) * 2 + 1, mask=ok, other=0)
+    at = src_at + tl.where(axis == 0, (first + row) * src_cols + start, (first + start) * src_cols + col) * 3
+    step = tl.where(axis == 0, 3, src_cols * 3)
+    red = tl.full([BLOCK], 1 << 21, tl.int32)
+    green, blue = red, red
+    for t in range(0, taps):
+        use = ok & (t < count)
+        k = tl.load(WEIGHTS + (b * lines + j) * taps + t, mask=use, other=0)
+        p = at + t * step
+        red += tl.load(SRC + p, mask=use, other=0).to(tl.int32) * k
+        green += tl.load(SRC + p + 1, mask=use, other=0).to(tl.int32) * k
+        blue += tl.load(SRC + p + 2, mask=use, other=0).to(tl.int32) * k
+    if FINAL:
+        plane = height * width
+        out = b.to(tl.int64) * 3 * plane + row * width + tl.where(flip != 0, width - 1 - col, col)
+        tl.store(DST + out, _clip8(red), mask=ok)
+        tl.store(DST + out + plane, _clip8(green), mask=ok)
+        tl.store(DST + out + 2 * plane, _clip8(blue), mask=ok)
+    else:
+        out = dst_at + i.to(tl.int64) * 3
+        tl.store(DST + out, _clip8(red), mask=ok)
+        tl.store(DST + out + 1, _clip8(green), mask=ok)
+        tl.store(DST + out + 2, _clip8(blue), mask=ok)

@@ -86,10 +86,15 @@ class ImageFolderDataModule(ShardedDataModule):
                  generate_params=None, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, re_prob=0.25,
                  re_mode="pixel", re_count=1, hflip=0.5, scale=(0.08, 1.0), interpolation="bicubic",
                  crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), repeated_aug=True,
-                 mixup_group=128, pin_memory=True, val_split="val", seed=0, rand_augment_on="workers"):
+                 mixup_group=128, pin_memory=True, val_split="val", seed=0, rand_augment_on="workers",
+                 resize_on="workers"):
         super().__init__()
-        if rand_augment_on not in ("workers", "device"):
-            raise VimexpError(f"data.rand_augment_on={rand_augment_on} is not a place: use workers or device")
+        for name, where in (("rand_augment_on", rand_augment_on), ("resize_on", resize_on)):
+            if where not in ("workers", "device"):
+                raise VimexpError(f"data.{name}={where} is not a place: use workers or device")
+        if resize_on == "device" and not (rand_augment_on == "device" and auto_augment):
+            raise VimexpError("data.resize_on=device comes with RandAugment on the device: set "
+                              "data.rand_augment_on=device (and data.auto_augment=rand-...), or data.resize_on=workers")
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self._moments_on = self._erase_generator = None  # made on the batches' device at their first transfer
@@ -113,8 +118,11 @@ class ImageFolderDataModule(ShardedDataModule):
                                     color_jitter=h.color_jitter, auto_augment=h.auto_augment)
         train_tf = Compose([*train_tf.transforms, EraseBoxes(h.re_prob, h.re_count)])
         if h.rand_augment_on == "device" and h.auto_augment:  # the workers draw RandAugment's ops, the device applies them
-            from vimexp.data.device_augment import GraphedRecords, RecordedRandAugment
-            train_tf, self._apply_records = RecordedRandAugment(train_tf), GraphedRecords()
+            from vimexp.data.device_augment import GraphedRecords, RecordedRandAugment, collate_crops
+            train_tf = RecordedRandAugment(train_tf, resize_on_device=h.resize_on == "device")
+            self._apply_records = GraphedRecords()
+            if h.resize_on == "device":  # the crops, of different sizes, travel end to end
+                self.collate_fn = collate_crops
         eval_tf = create_transform(**common, is_training=False, crop_pct=h.crop_pct)
         self.train_set = CheckedImageFolder(self.root / "train", train_tf, seed=self.hparams.seed)
         self.val_set = CheckedImageFolder(self.root / val_split, eval_tf)
@@ -128,6 +136,10 @@ class ImageFolderDataModule(ShardedDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         images, targets, boxes, records = batch
+        if isinstance(images, dict):  # data.resize_on=device's crops
+            from vimexp.data.device_augment import resize_crops
+            size = self.hparams.img_size
+            images = resize_crops(images, tuple(size) if isinstance(size, (list, tuple)) else (size, size))
         if records is not None:
             images = self._apply_records(images, records)
         mean, std = self._moments(images.device)
