@@ -461,13 +461,15 @@ def _apply_layer(SRC, DST, CODE, ARGS, TABLES, side, centre, H, W, BLOCK: tl.con
 # The worker draws the crop, its filter and the flip as timm does, and ships the crop's pixels with Pillow's
 # coefficients for resizing it; the device resizes with Pillow's fixed-point arithmetic (Resample.c: one pass along
 # each axis, the first rounded to uint8), then flips. Why: the resize is about a third of a worker's time an image
-# (docs/optimisation.md, step 42), and no library resizes a batch of crops of different sizes as Pillow does.
+# once RandAugment is on the device (docs/optimisation.md, steps 42-43), and no library resizes a batch of crops of
+# different sizes as Pillow does.
 
 PRECISION_BITS = 22  # Resample.c: 32 bits less 8 a channel less 2 of headroom
 # Pillow 13 runs the vertical pass first when the height shrinks by more than twice what the width does
 PILLOW_PICKS_ORDER = int(Image.__version__.split(".")[0]) >= 13
 PASS = 8  # a pass's row a crop: source offset, source width, first source row, out rows, out columns, out offset,
 #           axis (0: along rows, 1: along columns), flip
+_PASS = tl.constexpr(PASS)
 
 
 def _bicubic(x):  # Resample.c's bicubic_filter (a = -0.5), in its order of operations
@@ -557,7 +559,7 @@ def collate_crops(samples):
         at += pixels.size
         between += first[2] * first[3] * 3
     batch = {"pixels": torch.from_numpy(np.concatenate([c[0][0].reshape(-1) for c in crops])), "between": between,
-             "most": max(m[3] * m[4] for m in meta[0])}
+             "most": max(m[3] * m[4] for m in meta[0])}  # the in-between size, a first pass's most outputs
     for p in (0, 1):
         lines = max(c[0][1 + p][4].shape[0] for c in crops)
         taps = max(c[0][1 + p][5].shape[1] for c in crops)
@@ -598,9 +600,9 @@ def _resize_pass(SRC, DST, META, BOUNDS, WEIGHTS, lines, taps, height, width, FI
     (FINAL) into DST (B, 3, height, width), flipped where drawn."""
     b = tl.program_id(0)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    src_at, src_cols, first = tl.load(META + b * 8), tl.load(META + b * 8 + 1), tl.load(META + b * 8 + 2)
-    rows, cols, dst_at = tl.load(META + b * 8 + 3), tl.load(META + b * 8 + 4), tl.load(META + b * 8 + 5)
-    axis, flip = tl.load(META + b * 8 + 6), tl.load(META + b * 8 + 7)
+    m = META + b * _PASS
+    src_at, src_cols, first, rows = tl.load(m), tl.load(m + 1), tl.load(m + 2), tl.load(m + 3)
+    cols, dst_at, axis, flip = tl.load(m + 4), tl.load(m + 5), tl.load(m + 6), tl.load(m + 7)
     ok = i < rows * cols
     row, col = i // cols, i % cols
     j = tl.where(axis == 0, col, row)  # the output position along the axis: its coefficients' row
