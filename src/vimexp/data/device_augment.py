@@ -561,13 +561,18 @@ def collate_crops(samples):
     batch = {"pixels": torch.from_numpy(np.concatenate([c[0][0].reshape(-1) for c in crops])), "between": between,
              "most": max(m[3] * m[4] for m in meta[0])}  # the in-between size, a first pass's most outputs
     for p in (0, 1):
-        lines = max(c[0][1 + p][4].shape[0] for c in crops)
-        taps = max(c[0][1 + p][5].shape[1] for c in crops)
-        pad = lambda a, cols: np.pad(a, ((0, lines - a.shape[0]), (0, cols - a.shape[1])))  # noqa: E731
         batch[f"meta{p}"] = torch.tensor(meta[p], dtype=torch.int64)
-        batch[f"bounds{p}"] = torch.from_numpy(np.stack([pad(c[0][1 + p][4], 2) for c in crops]))
-        batch[f"weights{p}"] = torch.from_numpy(np.stack([pad(c[0][1 + p][5], taps) for c in crops]))
+        batch[f"bounds{p}"] = _padded([c[0][1 + p][4] for c in crops])
+        batch[f"weights{p}"] = _padded([c[0][1 + p][5] for c in crops])
     return [batch, boxes, records], targets
+
+
+def _padded(arrays: list) -> torch.Tensor:
+    """2-d int32 arrays stacked, zero-padded to the largest (np.pad's overhead cost as much as the rest of a batch)."""
+    out = np.zeros((len(arrays), max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)), np.int32)
+    for slot, a in zip(out, arrays):
+        slot[:a.shape[0], :a.shape[1]] = a
+    return torch.from_numpy(out)
 
 
 def resize_crops(crops: dict, size: tuple[int, int]) -> torch.Tensor:
