@@ -175,7 +175,7 @@ def test_loader_bench_times_the_workers_that_crop_and_leave_the_resize_to_the_de
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(r["img_per_sec"] > 0 for r in record["rows"])
-    assert list(record["stage_ms_per_image"]) == ["decode", "DeviceResizedCrop", "RandAugment", "after"]
+    assert list(record["stage_ms_per_image"]) == ["decode", "DeviceResizedCrop", "rand_augment_draws", "erase_draws"]
 
 
 def test_photo_jpegs_weigh_what_imagenet_photos_do(tmp_path):

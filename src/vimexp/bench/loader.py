@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from PIL import Image
 from torchvision.transforms import Compose
 from tqdm import tqdm
 
@@ -52,10 +51,7 @@ def stage_ms_per_image(dataset, images: int) -> dict[str, float]:
     elif tf.crop is None:
         steps = [*tf.before.transforms, tf.rand_augment, *tf.after.transforms]
     else:  # data.resize_on=device: the crop drawn and cut, then the draws that need only the image's size
-        steps = [tf.crop, lambda _: tf.rand_augment(Image.new("RGB", tf.crop.size[::-1])),
-                 lambda _: tf.after(torch.empty(3, *tf.crop.size, dtype=torch.uint8))]
-        for step, name in zip(steps[1:], ("RandAugment", "after")):
-            step.__name__ = name
+        steps = [tf.crop, tf.rand_augment_draws, tf.erase_draws]
     name = lambda step: getattr(step, "__name__", type(step).__name__)  # noqa: E731
     totals = dict.fromkeys(["decode", *map(name, steps)], 0.0)
     for i in range(images):

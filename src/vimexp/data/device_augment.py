@@ -140,20 +140,29 @@ class RecordedRandAugment:
         return op
 
     def __call__(self, img):
-        if self.crop is None:
-            img = self.before(img)
-        else:  # the recorders read only the image's size
-            crop, img = self.crop(img), Image.new("RGB", self.crop.size[::-1])
+        if self.crop is not None:
+            crop = self.crop(img)
+            records = self.rand_augment_draws()
+            return crop, self.erase_draws(), records
+        img = self.before(img)
+        records = self._record(img)
+        image, boxes = self.after(img)
+        return image, boxes, records
+
+    def _record(self, img) -> torch.Tensor:
         self._records = []
-        img = self.rand_augment(img)  # draws as timm does; each applied op appends its record
+        self.rand_augment(img)  # draws as timm does; each applied op appends its record
         records = torch.zeros(self.rand_augment.num_layers, RECORD, dtype=torch.float64)
         for row, record in zip(records, self._records):  # ops drawn not to apply recorded nothing: code 0
             row[:len(record)] = torch.tensor(record, dtype=torch.float64)
-        if self.crop is None:
-            image, boxes = self.after(img)
-            return image, boxes, records
-        _, boxes = self.after(torch.empty(3, *self.crop.size, dtype=torch.uint8))  # the erase boxes' draws
-        return crop, boxes, records
+        return records
+
+    # data.resize_on=device: the draws after the crop need only the resized image's size, not its pixels
+    def rand_augment_draws(self, _=None) -> torch.Tensor:
+        return self._record(Image.new("RGB", self.crop.size[::-1]))
+
+    def erase_draws(self, _=None) -> torch.Tensor:
+        return self.after(torch.empty(3, *self.crop.size, dtype=torch.uint8))[1]
 
 
 def _device_crop(before: list, after: list):

@@ -5,6 +5,7 @@ training script does (its prefetcher): a quarter of a float batch's bytes throug
 pinned copy and the bus. A worker gave a fifth more images a second on a 2-core machine, and the same within the
 spread on an H200 host's 14, where decoding and RandAugment are the cost (docs/optimisation.md, steps 33 and 37).
 """
+import functools
 import math
 import random
 from pathlib import Path
@@ -99,6 +100,7 @@ class ImageFolderDataModule(ShardedDataModule):
         self.root = Path(root)
         self._moments_on = self._erase_generator = None  # made on the batches' device at their first transfer
         self._apply_records = None  # data.rand_augment_on=device's (Triton's kernels: imported only for it)
+        self._resize_crops = None  # data.resize_on=device's
 
     def prepare_data(self):  # rank 0 only: make the built-in dataset once
         if self.hparams.generate:
@@ -118,11 +120,12 @@ class ImageFolderDataModule(ShardedDataModule):
                                     color_jitter=h.color_jitter, auto_augment=h.auto_augment)
         train_tf = Compose([*train_tf.transforms, EraseBoxes(h.re_prob, h.re_count)])
         if h.rand_augment_on == "device" and h.auto_augment:  # the workers draw RandAugment's ops, the device applies them
-            from vimexp.data.device_augment import GraphedRecords, RecordedRandAugment, collate_crops
+            from vimexp.data.device_augment import GraphedRecords, RecordedRandAugment, collate_crops, resize_crops
             train_tf = RecordedRandAugment(train_tf, resize_on_device=h.resize_on == "device")
             self._apply_records = GraphedRecords()
             if h.resize_on == "device":  # the crops, of different sizes, travel end to end
-                self.collate_fn = collate_crops
+                size = tuple(h.img_size) if isinstance(h.img_size, (list, tuple)) else (h.img_size, h.img_size)
+                self.collate_fn, self._resize_crops = collate_crops, functools.partial(resize_crops, size=size)
         eval_tf = create_transform(**common, is_training=False, crop_pct=h.crop_pct)
         self.train_set = CheckedImageFolder(self.root / "train", train_tf, seed=self.hparams.seed)
         self.val_set = CheckedImageFolder(self.root / val_split, eval_tf)
@@ -137,9 +140,7 @@ class ImageFolderDataModule(ShardedDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx):
         images, targets, boxes, records = batch
         if isinstance(images, dict):  # data.resize_on=device's crops
-            from vimexp.data.device_augment import resize_crops
-            size = self.hparams.img_size
-            images = resize_crops(images, tuple(size) if isinstance(size, (list, tuple)) else (size, size))
+            images = self._resize_crops(images)
         if records is not None:
             images = self._apply_records(images, records)
         mean, std = self._moments(images.device)
