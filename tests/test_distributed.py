@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -189,7 +190,7 @@ def test_a_killed_rank_fails_the_run_in_one_line_and_the_same_command_resumes_it
 def test_a_rank_that_stops_answering_fails_the_run_after_the_collective_timeout(tiny_data, tmp_path):
     """A process of a 2-process run frozen mid-epoch (SIGSTOP, as a hung node would be): the other fails the run once
     a collective has waited trainer.strategy.timeout for it (15 s here, not torch's 30 min), in one line naming the
-    resume command, and the frozen one goes with it."""
+    resume command, and the frozen one gone before that line."""
     from test_faults import RUN, start, wait_for
     out = tmp_path / "run"
     proc = start([*data_overrides(tiny_data), *(a for a in RUN if not a.startswith("trainer.accelerator")), *DDP2,
@@ -210,10 +211,8 @@ def test_a_rank_that_stops_answering_fails_the_run_after_the_collective_timeout(
     assert message.startswith("error: another process of this 2-process run stopped answering (a collective waited "
                               "0:00:15"), message
     assert f"{out}/checkpoints/last.ckpt holds its last checkpoint; resume with: " in message
-    deadline = time.time() + 20
-    while Path(f"/proc/{rank1}").exists() and Path(f"/proc/{rank1}/stat").read_text().split()[2] != "Z":
-        assert time.time() < deadline, "the frozen process outlived the run"
-        time.sleep(0.5)
+    stat = Path(f"/proc/{rank1}/stat")  # gone before the run's last line, not after
+    assert not stat.exists() or stat.read_text().rsplit(") ", 1)[1][0] == "Z", "the frozen process outlived the run"
 
 
 @pytest.mark.parametrize("error, says", [
@@ -255,6 +254,38 @@ def test_a_ddp_child_dies_with_the_first_process_however_it_ends(tmp_path):
         if alive:
             os.kill(pid, signal.SIGKILL)
         assert alive != dies, (kind, alive)
+
+
+def test_ending_a_ddp_run_kills_its_processes_stopped_and_orphaned_before_it_returns():
+    """end_the_run_s_processes in a first process: a stopped rank and the orphaned worker of a rank that is gone are
+    both ended by the time it returns, so neither can write after the run's last line; a process of another run
+    (another pid in VIMEXP_DDP_PARENT) lives on."""
+    first = textwrap.dedent("""
+        import os, signal, subprocess, sys, time
+        from vimexp.cli import PARENT_ENV, end_the_run_s_processes
+        os.environ[PARENT_ENV] = str(os.getpid())
+        sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # (none holds the test's pipes)
+        stopped = subprocess.Popen(sleep, **quiet)
+        os.kill(stopped.pid, signal.SIGSTOP)
+        orphaner = subprocess.run([sys.executable, "-c", "import subprocess, sys; "
+                                   f"print(subprocess.Popen({sleep!r}, stdout=-3, stderr=-3).pid)"],
+                                  capture_output=True, text=True)
+        stranger = subprocess.Popen(sleep, env={**os.environ, PARENT_ENV: "1"}, **quiet)
+        time.sleep(0.5)
+        end_the_run_s_processes()
+        print(stopped.pid, orphaner.stdout.strip(), stranger.pid)
+    """)
+    done = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped, orphan, stranger = map(int, done.stdout.split())
+
+    def running(pid):
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().rsplit(") ", 1)[1][0] != "Z"
+    alive = running(stranger)
+    os.kill(stranger, signal.SIGKILL)
+    assert not running(stopped) and not running(orphan) and alive
 
 
 @pytest.mark.parametrize("ddp", BACKENDS)

@@ -14,6 +14,8 @@ import shutil
 import signal
 import sys
 import textwrap
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,6 +142,40 @@ def die_with_parent():
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+_RUN_ENDING = threading.Lock()  # held by whichever of the main thread and the watch ends a DDP run first
+
+
+def end_the_run_s_processes() -> None:
+    """In the first process of a DDP run it started itself: SIGKILL the run's other processes, its ranks and their
+    loader workers, orphans too, and wait for them to go, so that none writes past the run's last line (CI saw a
+    frozen rank's traceback land after it) and none outlives it. They are found by this process's pid in their
+    VIMEXP_DDP_PARENT, read from /proc (Linux, where DDP runs; psutil is not a dependency). A second caller blocks
+    while the first ends the process. A no-op elsewhere."""
+    if os.environ.get(PARENT_ENV) != str(os.getpid()) or not Path("/proc/self/environ").is_file():
+        return
+    _RUN_ENDING.acquire()
+    mark = f"{PARENT_ENV}={os.getpid()}\0".encode()
+    killed = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (proc / "environ").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(proc)
+        except OSError:  # gone meanwhile, or another user's
+            pass
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(_running, killed)):
+        time.sleep(0.05)
+
+
+def _running(proc: Path) -> bool:
+    """Whether the process of /proc/<pid> exists and has not ended (a zombie waits only for its parent to reap it)."""
+    try:
+        return (proc / "stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def resume_command(out: Path) -> str:
     """The command that continues this run in its own directory."""
     from hydra.core.hydra_config import HydraConfig
@@ -162,8 +198,6 @@ def watch_ddp_children(children: list) -> None:
     until its timeout. One that ends as every rank does when the run stops in order (a one-line error, a stop
     signal) gets 30 s for this process to make the same stop. Lightning's own watch kills without a word on
     resuming."""
-    import threading
-    import time
     from hydra.core.hydra_config import HydraConfig
     out = Path(HydraConfig.get().runtime.output_dir)
     resume = resume_command(out)
@@ -182,11 +216,12 @@ def watch_ddp_children(children: list) -> None:
             rank, code = failed[0]
             if code in orderly and time.time() - first_seen.setdefault(rank, time.time()) < 30:
                 continue
+            if _RUN_ENDING.locked():  # the main thread is ending the run, with its own line
+                return
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
             line = lost_a_process(len(children) + 1, f"ended (rank {rank}, {how})", out, resume)
+            end_the_run_s_processes()
             print(f"error: {line}", file=sys.stderr, flush=True)
-            for child in children:
-                child.kill()
             os._exit(2)  # at once, whatever the main thread is blocked in
     threading.Thread(target=watch, daemon=True, name="vimexp-ddp-watch").start()
 

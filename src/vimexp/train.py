@@ -16,7 +16,7 @@ from omegaconf import open_dict
 from vimexp import VimexpError
 from vimexp.build import build_datamodule, build_loggers, build_task, build_trainer
 from vimexp.callbacks import BatchSeed, CheckpointOnSignal, SaveConfig
-from vimexp.cli import cli, lost_a_process, resume_command
+from vimexp.cli import cli, end_the_run_s_processes, lost_a_process, resume_command
 from vimexp.curves import write_curves
 from vimexp.models.checkpoint import check_compatible, read_checkpoint
 from vimexp.record import run_record, write_json
@@ -122,6 +122,7 @@ def train(cfg) -> dict:
             timeout = getattr(trainer.strategy, "_timeout", None)
             lost = trainer.world_size > 1 and lost_a_peer(e, trainer.global_step, timeout)
             if lost:  # before the launcher's watch saw it (cli.py)
+                end_the_run_s_processes()
                 raise VimexpError(lost_a_process(trainer.world_size, lost, out, resume)) from e
             raise
         record = run_record(cfg, task, trainer, started)
