@@ -69,18 +69,25 @@ def straight(tiny_data, tmp_path_factory) -> Path:
 
 
 def test_kill_9_mid_epoch_then_resume_is_exact(straight, tiny_data, tmp_path):
+    """The resumed run ends as the straight one, continues its metrics.csv and its W&B run, and counts the time
+    of both parts."""
     out = tmp_path / "run"
-    args = [*data_overrides(tiny_data), *RUN, f"hydra.run.dir={out}"]
+    args = [*data_overrides(tiny_data), *RUN, "logger=default", f"hydra.run.dir={out}"]
     proc = start(args, tmp_path)
     wait_for(out / "checkpoints" / "last.ckpt", proc)  # written at step 2 of 5, in the first epoch
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    before = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["wall_seconds"]
     resumed = run_cli("train", *args, cwd=tmp_path)  # the same command: the run directory's last.ckpt is picked up
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {out / 'checkpoints' / 'last.ckpt'}" in resumed.stdout
     assert_same_training(straight, out)
     header, *rows = (out / "metrics.csv").read_text().splitlines()
     assert "val/acc1" in header and rows  # appended to, with its earlier rows and columns
+    parts = sorted((out / "wandb").glob("offline-run-*"))
+    results = json.loads((out / "results.json").read_text())
+    assert len(parts) == 2 and {p.name.rsplit("-", 1)[1] for p in parts} == {results["wandb_run_id"]}
+    assert 0 < before < results["wall_seconds"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])  # SLURM's, and Ctrl-C
@@ -153,6 +160,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one(straight, tiny_data, 
     assert proc.returncode == 2, stderr[-3000:]
     message = stderr.strip().splitlines()[-1]
     assert message.startswith(f"error: can't write checkpoint {out / 'checkpoints'}") and "File too large" in message
+    assert message.endswith("; the last good checkpoint stays")
     assert sorted(p.name for p in good.parent.iterdir()) == ["last.ckpt"]  # no partial temp file
     assert torch.load(good, weights_only=False)["global_step"] == 10  # the good one, untouched
 
@@ -183,10 +191,13 @@ def test_a_second_process_on_a_run_directory_is_refused(tiny_data, tmp_path):
     args = [*data_overrides(tiny_data), *RUN, "trainer.max_epochs=20", f"hydra.run.dir={out}"]
     first = start(args, tmp_path)
     try:
-        wait_for(out / ".lock.pid", first)
-        second = run_cli("train", *args, cwd=tmp_path)
+        wait_for(out / ".hydra" / "overrides.yaml", first)
+        record = {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()}
+        second = run_cli("train", *args, "seed=3", cwd=tmp_path)
         assert second.returncode == 2
         assert f"run directory {out} is in use by another process (pid {first.pid})" in second.stderr
+        assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == record  # the first run's record kept
+        assert "seed=3" not in record["overrides.yaml"].decode()
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -211,12 +222,36 @@ def test_an_unreadable_last_checkpoint_names_the_way_out(straight, tiny_data, tm
     ("data.img_size=30", "img_size 30 is not covered by patches of 8 px every 8 px"),
     ("data.num_workers=-1", "data.num_workers=-1 must be 0 or more"),
     ("data.re_mode=noise", "data.re_mode=noise is not an erasing mode: use one of pixel, rand, const"),
+    ("trainer.precision=bf17", "trainer.precision=bf17 is not a precision Lightning knows: use one of "),
 ])
 def test_bad_values_fail_in_one_line_before_any_data(override, message, tmp_path):
     run = run_cli("train", override, "logger=csv", cwd=tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), run.stderr[-2000:]
     assert not (tmp_path / "data").exists()  # refused before the built-in data was generated
+
+
+@pytest.mark.parametrize("override, says", [("trainer=gpu", "(accelerator=gpu, devices=1, precision="),
+                                            ("trainer.accelerator=tpux", "(accelerator=tpux, devices=1")])
+def test_trainer_settings_lightning_refuses_fail_in_one_line(override, says, tiny_data, tmp_path):
+    """What only Lightning can judge (a GPU trainer on a machine without one, an accelerator it doesn't know): one
+    line naming the settings, and no run directory left."""
+    if override == "trainer=gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    run = run_cli("train", *data_overrides(tiny_data), *(a for a in RUN if not a.startswith("trainer.accelerator")),
+                  override, cwd=tmp_path)
+    assert run.returncode == 2
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: Lightning refused the trainer settings {says}") and \
+        line.endswith("Fix the trainer.* override (trainer=cpu where there is no GPU)"), run.stderr[-2000:]
+    assert not list((tmp_path / "logs").glob("*/*/*")), "a run directory was left"
+
+
+def test_eval_without_a_checkpoint_says_how_to_give_one(tmp_path):
+    run = run_cli("eval", "logger=csv", cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "error: ckpt_path is missing: python -m vimexp.eval ckpt_path=<run dir>/checkpoints/best.ckpt"), run.stderr
 
 
 def test_a_read_only_log_directory_fails_in_one_line(tmp_path):
@@ -233,3 +268,23 @@ def test_a_read_only_log_directory_fails_in_one_line(tmp_path):
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: can't write run directories under {readonly / 'logs'}: {readonly} is read-only or not writable; "
         "set paths.log_dir=... (or VIMEXP_ROOT) to a writable place")
+
+
+def test_a_second_ctrl_c_stops_at_once_with_the_resume_command(tmp_path):
+    """CheckpointOnSignal's handler, as the OS calls it: the first Ctrl-C is noted (the step finishes and writes a
+    checkpoint), a second one stops the run where it is with status 130, naming the checkpoint kept and the resume
+    command (not Lightning's KeyboardInterrupt, which exits with 1 and no word on resuming)."""
+    from types import SimpleNamespace
+    from vimexp.callbacks import CheckpointOnSignal, RunInterrupted
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    callback = CheckpointOnSignal("python -m vimexp.train hydra.run.dir=x")
+    callback._trainer = SimpleNamespace(default_root_dir=str(tmp_path), global_step=12,
+                                        _signal_connector=SimpleNamespace(received_sigterm=False))
+    callback._handle(signal.SIGINT, None)
+    assert callback.received == signal.SIGINT
+    with pytest.raises(RunInterrupted) as stopped:
+        callback._handle(signal.SIGINT, None)
+    assert stopped.value.exit_code == 130
+    assert str(stopped.value) == (f"stopped at once by a second Ctrl-C at step 12; {tmp_path}/checkpoints/last.ckpt "
+                                  "holds its last checkpoint; resume with: python -m vimexp.train hydra.run.dir=x")

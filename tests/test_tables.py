@@ -31,10 +31,11 @@ def test_ablation_sets_the_model_variant_and_names_the_run(ablation, tmp_path):
     assert ablation in cfg.logger.wandb.tags and cfg.logger.wandb.group == "imagenet_vim_ti"
 
 
-def _record(out, table, preset, key, value, acc, params=7_148_008, task="classification"):
+def _record(out, table, preset, key, value, acc, params=7_148_008, task="classification", extra=()):
     out.mkdir(parents=True)
     best = {"val/acc1": acc} if task == "classification" else {"val/mIoU": acc}
-    record = {"table": table, "table_preset": preset, "task": task, key: value, "params": params,
+    overrides = [f"table={table}", f"table_preset={preset}", f"{key}={value}", *extra, "sweep_id=0123456789ab"]
+    record = {"table": table, "table_preset": preset, "task": task, key: value, "params": params, "overrides": overrides,
               "best": best, "wandb_run_id": f"id-{value}", "output_dir": str(out)}
     (out / "results.json").write_text(json.dumps(record))
 
@@ -46,7 +47,8 @@ def test_render_from_recorded_runs(tmp_path):
     _record(tmp_path / "c", "table4", "builtin", "ablation", "bidir_block", 50.0)  # another preset: not this table
     _record(tmp_path / "d", "table5", "paper", "ablation", "bidir_ssm", 50.0)  # another table
     _record(tmp_path / "e", "table4", "paper", "ablation", "bidir_block", 33.0, task="segmentation")
-    markdown, rows = render(table, "paper", find_results(tmp_path, table, "paper"))
+    _record(tmp_path / "f", "table4", "paper", "ablation", "bidir_none", 10.0, extra=["trainer.max_epochs=1"])  # a smoke test
+    markdown, rows = render(table, "paper", find_results(tmp_path, table, "paper", []))
     by_label = {r["row"]: r for r in rows}
     none = by_label["None (unidirectional Mamba)"]
     assert (none["IN top-1 (ours)"], none["IN top-1 (paper)"], none["IN top-1 (diff)"]) == (73.0, 73.2, -0.2)
@@ -59,12 +61,15 @@ def test_render_from_recorded_runs(tmp_path):
     assert block["ADE20K mIoU (diff)"] == pytest.approx(-0.6)
     assert "| None (unidirectional Mamba) | 73.0 | 73.2 | -0.20 |" in markdown
     assert "| Bidirectional SSM | — | 72.8 | — |" in markdown
+    smoke = find_results(tmp_path, table, "paper", ["trainer.max_epochs=1"])  # its own overrides find it alone
+    assert list(smoke) == [("classification", "bidir_none")] and smoke[("classification", "bidir_none")]["_path"] == \
+        str(tmp_path / "f" / "results.json")
 
 
 def test_table1_cited_rows_and_params(tmp_path):
     table = load_table("table1")
     _record(tmp_path / "v", "table1", "paper", "experiment", "imagenet_vim_ti", 76.0)
-    _, rows = render(table, "paper", find_results(tmp_path, table, "paper"))
+    _, rows = render(table, "paper", find_results(tmp_path, table, "paper", []))
     by_label = {r["row"]: r for r in rows}
     assert by_label["ResNet-50"]["top-1 (ours)"] == "cited" and by_label["ResNet-50"]["top-1 (paper)"] == 76.2
     assert by_label["Vim-Ti"]["params (M) (ours)"] == 7.15 and by_label["Vim-Ti"]["top-1 (diff)"] == -0.1

@@ -97,18 +97,38 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert record["final"] == straight_results["final"]
 
 
-def test_ckpt_path_last_resumes_the_newest_run_of_that_name(tiny_data, tmp_path):
+def test_ckpt_path_last_resumes_the_newest_run_this_command_started(tiny_data, tmp_path):
+    """ckpt_path=last takes the newest run of its run_name started with the same overrides (trainer.max_epochs aside:
+    raising it extends a finished run), never a newer run of other overrides; with none, it refuses in one line
+    naming the newest one's resume command; a run already as long as asked is left as it is."""
     common = ["debug=limit", *data_overrides(tiny_data), *TINY_RUN, "run_name=resumable"]
+    runs = tmp_path / "logs" / "debug" / "resumable"
     first = run_cli("train", *common, "trainer.max_epochs=1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    first_dir = next((tmp_path / "logs" / "debug" / "resumable").iterdir())
+    first_dir = next(runs.iterdir())
+    other = run_cli("train", *common, "trainer.max_epochs=1", "seed=1", cwd=tmp_path)  # newer, another seed
+    assert other.returncode == 0, other.stderr[-3000:]
+    other_dir = next(d for d in runs.iterdir() if d != first_dir)
+    other_results = (other_dir / "results.json").read_bytes()
     again = run_cli("train", *common, "trainer.max_epochs=2", "ckpt_path=last", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {first_dir / 'checkpoints' / 'last.ckpt'}" in again.stdout
-    continued = first_dir  # in its own run directory: its best score, metrics.csv and results.json go on
-    results = json.loads((continued / "results.json").read_text())
-    assert results["epochs"] == 2 and torch.load(continued / "checkpoints" / "last.ckpt",
+    assert sorted(runs.iterdir()) == sorted([first_dir, other_dir])  # no directory left by the resuming job
+    results = json.loads((first_dir / "results.json").read_text())  # its best score, metrics, results.json go on
+    assert results["epochs"] == 2 and torch.load(first_dir / "checkpoints" / "last.ckpt",
                                                  weights_only=False)["epoch"] == 1
+    assert (other_dir / "results.json").read_bytes() == other_results
+    written = (first_dir / "results.json").read_bytes()
+    done = run_cli("train", *common, "trainer.max_epochs=2", "ckpt_path=last", cwd=tmp_path)
+    assert done.returncode == 0 and "already finished" in done.stdout, done.stderr[-3000:]
+    assert (first_dir / "results.json").read_bytes() == written
+    refused = run_cli("train", *common, "trainer.max_epochs=2", "seed=2", "ckpt_path=last", cwd=tmp_path)
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ckpt_path=last: no run of run_name=resumable") and \
+        f"the newest, {first_dir}, was started with others: resume it with: python" in line, line  # the one resumed
+    assert line.endswith(f"trainer.max_epochs=2 hydra.run.dir={first_dir}") and " seed=" not in line
+    assert sorted(runs.iterdir()) == sorted([first_dir, other_dir])
 
 
 def test_cli_run_leaves_a_complete_record_and_eval_reproduces_it(tiny_data, tmp_path):
@@ -214,3 +234,24 @@ def test_training_images_per_second_leave_out_the_epochs_validation():
     assert task.logged["train/img_per_sec"] == task.img_per_sec
     longest, shortest = ends[3][1] - ends[0][0], ends[3][0] - ends[0][1]
     assert 3 * 8 * 2 / longest <= task.img_per_sec <= 3 * 8 * 2 / shortest  # 24 images a process, 2 processes
+
+
+def test_a_resumed_run_counts_the_wall_time_of_every_part(monkeypatch):
+    """RunBookkeeping's wall time: a part's seconds in fit travel in its checkpoints and the next part adds its own
+    (results.json's wall_seconds), on a clock the test sets."""
+    from vimexp.tasks import bookkeeping
+    clock = [100.0]
+    monkeypatch.setattr(bookkeeping.time, "time", lambda: clock[0])
+    first = bookkeeping.RunBookkeeping()
+    first.history = []
+    first.on_fit_start()
+    clock[0] = 130.0
+    checkpoint = {}
+    first.on_save_checkpoint(checkpoint)
+    assert checkpoint["wall_seconds"] == 30.0
+    clock[0] = 500.0  # the job waited in the queue: not the run's time
+    second = bookkeeping.RunBookkeeping()
+    second.on_load_checkpoint(checkpoint)
+    second.on_fit_start()
+    clock[0] = 520.0
+    assert second.wall_seconds() == 50.0

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
@@ -77,8 +78,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if not isinstance(cause, OSError):
                 raise
             why = errno.errorcode.get(cause.errno, "error") if cause.errno else type(cause).__name__
+            kept = ("the last good checkpoint stays" if any(path.parent.glob("*.ckpt"))
+                    else "no checkpoint was written before")
             raise VimexpError(f"can't write checkpoint {path}: {cause.strerror or cause} ({why}); free space or fix "
-                              "the permissions there, or set paths.log_dir; the last good checkpoint stays") from None
+                              f"the permissions there, or run elsewhere (paths.log_dir, hydra.run.dir); {kept}") from None
 
 
 class _KeepsWriteErrors:
@@ -154,9 +157,14 @@ def build_trainer(cfg, callbacks=(), loggers=()) -> L.Trainer:
                **OmegaConf.to_container(cfg.trainer, resolve=True)}
     if isinstance(options["strategy"], dict):  # a configured one (trainer=ddp: its collective timeout)
         options["strategy"] = instantiate(cfg.trainer.strategy)
-    trainer = L.Trainer(**options, callbacks=list(callbacks), logger=list(loggers) or False, plugins=plugins,
-                        default_root_dir=cfg.paths.output_dir,
-                        use_distributed_sampler=False)  # the datamodule shards its loaders itself
+    try:
+        trainer = L.Trainer(**options, callbacks=list(callbacks), logger=list(loggers) or False, plugins=plugins,
+                            default_root_dir=cfg.paths.output_dir,
+                            use_distributed_sampler=False)  # the datamodule shards its loaders itself
+    except (ValueError, TypeError, MisconfigurationException) as e:  # a trainer.* value Lightning refuses
+        settings = ", ".join(f"{k}={options[k]}" for k in ("accelerator", "devices", "precision") if k in options)
+        raise VimexpError(f"Lightning refused the trainer settings ({settings}): {str(e).strip().splitlines()[0]} "
+                          "Fix the trainer.* override (trainer=cpu where there is no GPU)") from None
     if trainer.world_size > 1 and not trainer.strategy.cluster_environment.creates_processes_externally:
         os.environ[PARENT_ENV] = str(os.getpid())  # the DDP children Lightning starts die with this process
     return trainer

@@ -155,8 +155,11 @@ class CheckpointOnSignal(L.Callback):
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.received == signal.SIGINT and signum == signal.SIGINT:  # not Lightning's KeyboardInterrupt: status 1
+            last = Path(self._trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            kept = f"{last} holds its last checkpoint" if last.is_file() else "no checkpoint was written yet"
+            raise RunInterrupted(f"stopped at once by a second Ctrl-C at step {self._trainer.global_step}; {kept}; "
+                                 f"resume with: {self.resume_command}", signum)
         self.received = signum
         # Lightning notes SIGTERM too, and would end the run without a checkpoint and with status 0 at its next check
         self._trainer._signal_connector.received_sigterm = False

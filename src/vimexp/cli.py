@@ -176,12 +176,34 @@ def _running(proc: Path) -> bool:
         return False
 
 
-def resume_command(out: Path) -> str:
-    """The command that continues this run in its own directory."""
+WHERE_IT_RUNS = ("ckpt_path=", "hydra.run.dir=", "sweep_id=")  # overrides that say where a run goes, not what it is
+
+
+def run_overrides(overrides=None) -> list[str]:
+    """A run's overrides (this job's by default) less those that only say where it runs or resumes from."""
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+        overrides = HydraConfig.get().overrides.task
+    return [o for o in overrides if not o.startswith(WHERE_IT_RUNS)]
+
+
+def resume_command(out: Path, overrides=None) -> str:
+    """The command that continues a run (this job's by default, else the one `overrides` started) in `out`."""
+    return shlex.join([Path(sys.executable).name, "-m", "vimexp.train", *run_overrides(overrides),
+                       f"hydra.run.dir={out}"])
+
+
+def save_run_config(cfg, out: Path) -> None:
+    """The run's record in its directory, .hydra/config.yaml (as composed) and .hydra/overrides.yaml, written by the
+    process that holds the directory: Hydra's own (hydra.output_subdir, off), written before any lock, let a second
+    run that was then refused overwrite a running one's."""
     from hydra.core.hydra_config import HydraConfig
-    overrides = [o for o in HydraConfig.get().overrides.task
-                 if not o.startswith(("ckpt_path=", "hydra.run.dir=", "sweep_id="))]
-    return shlex.join([Path(sys.executable).name, "-m", "vimexp.train", *overrides, f"hydra.run.dir={out}"])
+    from omegaconf import OmegaConf
+    record = out / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    run = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    (record / "config.yaml").write_text(OmegaConf.to_yaml(run))
+    (record / "overrides.yaml").write_text(OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
 
 
 def lost_a_process(world: int, what: str, out: Path, resume: str) -> str:
@@ -315,6 +337,14 @@ def check_values(cfg):
     lr = OmegaConf.select(cfg, "optimizer.lr", default=None)
     if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0):
         raise VimexpError(f"optimizer.lr={lr} must be a number, 0 or more")
+    precision = OmegaConf.select(cfg, "trainer.precision", default=None)
+    if precision is not None:
+        from typing import get_args
+        from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR
+        known = [*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_INT)]
+        if precision not in known and str(precision) not in known:
+            raise VimexpError(f"trainer.precision={precision} is not a precision Lightning knows: use one of "
+                              + ", ".join(get_args(_PRECISION_INPUT_STR)))
     sections = [("trainer", L.Trainer, ("callbacks", "logger", "plugins", "default_root_dir"))] * ("trainer" in cfg)
     sections += [(s, get_class(cfg[s]["_target_"]), ()) for s in ("task", "data") if "_target_" in (cfg.get(s) or {})]
     for section, cls, given in sections:

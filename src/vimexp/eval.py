@@ -14,8 +14,9 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from vimexp import VimexpError
 from vimexp.build import build_datamodule, build_loggers, build_task, build_trainer
-from vimexp.cli import cli
+from vimexp.cli import cli, save_run_config
 from vimexp.models.checkpoint import adapt_pos_embed, check_compatible, extract_state_dict, read_checkpoint
 from vimexp.record import run_record, write_json
 
@@ -55,10 +56,14 @@ def with_checkpoint_config(cfg, saved: dict, overrides: list[str]):
 
 
 def evaluate(cfg) -> dict:
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise VimexpError("ckpt_path is missing: python -m vimexp.eval ckpt_path=<run dir>/checkpoints/best.ckpt "
+                          "(or an official .pth)")
     L.seed_everything(cfg.seed)
     ckpt = read_checkpoint(cfg.ckpt_path)
     if "vimexp_config" in ckpt:
         cfg = with_checkpoint_config(cfg, ckpt["vimexp_config"], list(HydraConfig.get().overrides.task))
+    save_run_config(cfg, Path(cfg.paths.output_dir))
     task = build_task(cfg, **({"ema_decay": cfg.task.ema_decay if has_ema(ckpt) else None}
                               if "ema_decay" in cfg.task else {}))
     load_weights(task, ckpt)

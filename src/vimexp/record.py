@@ -4,7 +4,6 @@ import datetime
 import json
 import os
 import subprocess
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_record(cfg, task, trainer: L.Trainer, started: float | None = None) -> dict:
+def run_record(cfg, task, trainer: L.Trainer, trained: bool = False) -> dict:
     """results.json: the final and best validation metrics (top-1/top-5 of the raw and EMA weights, or mIoU/mAcc/aAcc,
     or box/mask AP), and what produced them."""
     history = task.history
@@ -77,7 +76,7 @@ def run_record(cfg, task, trainer: L.Trainer, started: float | None = None) -> d
         "best": {k: max(row[k] for row in history if k in row) for k in metrics},
         "epochs": len(history),
         "train_img_per_sec": task.img_per_sec,
-        "wall_seconds": round(time.time() - started, 1) if started else None,
+        "wall_seconds": round(task.wall_seconds(), 1) if trained else None,  # in fit, over all of a resumed run
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "precision": str(trainer.precision),

@@ -2,7 +2,8 @@
 
 A table is defined in experiments/<name>.yaml: its rows (each one value of a swept config key, `experiment` or
 `ablation`, and optionally its own `overrides`), the metric of each column and the paper's numbers. This tool
-  1. finds the rows' finished runs (results.json tagged with this table and preset) under --runs (default logs/),
+  1. finds the rows' finished runs (results.json tagged with this table and preset, made with the overrides given
+     after `--`, no more and no fewer) under --runs (default logs/),
   2. runs the missing rows (all with --force): the plain ones as one Hydra multirun of `python -m vimexp.train`, a row
      with its own overrides as a run of its own; rows that start from another row's checkpoint (`init_from`) run last,
   3. renders Markdown and CSV: our value, the paper's, the difference, and each row's run directory and W&B run.
@@ -52,15 +53,29 @@ def row_key(row: dict, preset: str) -> str | None:
     return row_value(row, preset)
 
 
-def find_results(runs: Path, table: dict, preset: str) -> dict[tuple[str, str], dict]:
-    """{(task, row key): newest results.json} of the runs made for this table and preset."""
+SET_FOR_A_ROW = ("table=", "table_preset=", "table_row=", "experiment_name=", "model.init_from=", "sweep_id=")
+
+
+def extra_overrides(record: dict, table: dict, preset: str) -> list[str]:
+    """The overrides a table's run was made with beyond those this tool sets for its row: what came after `--`."""
+    key = record.get("table_row") or record.get(table["sweep"])
+    row = next((r for r in table["rows"] if row_key(r, preset) == key), {})
+    task_preset = (tasks_of(table).get(record.get("task", "classification")) or {}).get(preset) or []
+    ours = {*task_preset, *row_overrides(row, preset), f"{table['sweep']}={row_value(row, preset)}"}
+    return sorted(o for o in record.get("overrides") or [] if not o.startswith(SET_FOR_A_ROW) and o not in ours)
+
+
+def find_results(runs: Path, table: dict, preset: str, extra: list[str]) -> dict[tuple[str, str], dict]:
+    """{(task, row key): newest results.json} of the runs made for this table and preset with these `extra` overrides
+    (those after `--`): a smoke test's runs (`-- trainer.max_epochs=1`) are not the rows of a real one."""
     found = {}
     for path in sorted(runs.rglob("results.json"), key=lambda p: p.stat().st_mtime):
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # a results file being written, or not ours
-        if record.get("table") == table["name"] and record.get("table_preset") == preset:
+        if record.get("table") == table["name"] and record.get("table_preset") == preset and \
+                extra_overrides(record, table, preset) == sorted(extra):
             key = record.get("table_row") or record.get(table["sweep"])
             found[(record.get("task", "classification"), key)] = record | {"_path": str(path)}
     return found
@@ -107,7 +122,7 @@ def tasks_of(table: dict) -> dict[str, dict]:
 def run_missing(table: dict, preset: str, runs: Path, extra: list[str], force: bool, only=None, tasks=None):
     sweep = table["sweep"]
     trained = [r for r in table["rows"] if not r.get("cited") and (not only or row_key(r, preset) in only)]
-    done = {} if force else find_results(runs, table, preset)
+    done = {} if force else find_results(runs, table, preset, extra)
     todo = {task: [r for r in trained if (task, row_key(r, preset)) not in done]
             for task in tasks_of(table) if not tasks or task in tasks}
     progress = RowProgress(table["name"], sum(map(len, todo.values())))
@@ -123,7 +138,7 @@ def run_missing(table: dict, preset: str, runs: Path, extra: list[str], force: b
                    f"experiment_name={table['name']}_{row_key(row, preset)}"] if row_overrides(row, preset) else []
             if row.get("init_from"):
                 source = next(r for r in trained if r["label"] == row["init_from"])
-                record = find_results(runs, table, preset).get((task, row_key(source, preset)))
+                record = find_results(runs, table, preset, extra).get((task, row_key(source, preset)))
                 if record is None:
                     raise VimexpError(f"{row['label']} starts from {source['label']}, which has no finished run")
                 own.append(f"model.init_from={Path(record['output_dir']) / 'checkpoints' / 'last.ckpt'}")
@@ -196,12 +211,13 @@ def main(argv=None):
         if not args.render_only:
             run_missing(table, args.preset, args.runs, args.overrides, args.force,
                         args.rows.split(",") if args.rows else None, args.tasks.split(",") if args.tasks else None)
-        markdown, rows = render(table, args.preset, find_results(args.runs, table, args.preset))
+        markdown, rows = render(table, args.preset, find_results(args.runs, table, args.preset, args.overrides))
         stem = args.out / f"{args.table}_{args.preset}"
         found, total = filled(rows), sum(not r.get("cited") for r in table["rows"])
         if not found:
-            raise VimexpError(f"no finished run of {args.table} ({args.preset}) under {args.runs}: `make {args.table}` "
-                              "runs them, or point --runs at where they are")
+            raise VimexpError(f"no finished run of {args.table} ({args.preset}) under {args.runs} made with "
+                              f"{' '.join(args.overrides) or 'no overrides'} after --: `make {args.table}` runs them, "
+                              "or point --runs at where they are and give the overrides they were made with")
         before = filled(_read_csv(stem.with_suffix(".csv")))
         if found < before:
             raise VimexpError(f"{found} of {total} rows found, but {stem}.csv has {before}: not overwritten (point "

@@ -1,6 +1,6 @@
 """Train a model: `python -m vimexp.train [experiment=...] [ablation=...] [key=value ...]` (see conf/train.yaml)."""
+import json
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from omegaconf import open_dict
 from vimexp import VimexpError
 from vimexp.build import build_datamodule, build_loggers, build_task, build_trainer
 from vimexp.callbacks import BatchSeed, CheckpointOnSignal, SaveConfig
-from vimexp.cli import cli, end_the_run_s_processes, lost_a_process, resume_command
+from vimexp.cli import cli, end_the_run_s_processes, lost_a_process, resume_command, run_overrides, save_run_config
 from vimexp.curves import write_curves
 from vimexp.models.checkpoint import check_compatible, read_checkpoint
 from vimexp.record import run_record, write_json
@@ -33,16 +33,64 @@ def resolve_ckpt_path(cfg) -> str | None:
         if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
             raise VimexpError(f"ckpt_path {cfg.ckpt_path} does not exist: pass a .ckpt file or ckpt_path=last")
         return cfg.ckpt_path
+    run_dir = newest_run_like_this(cfg)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    print(f"resuming from {last}, in its run directory {run_dir}")
+    move_run_log(Path(cfg.paths.output_dir), run_dir)
+    with open_dict(cfg):  # continue there: its best score, metrics.csv and results.json go on
+        cfg.paths.output_dir = str(run_dir)
+    return str(last)
+
+
+def newest_run_like_this(cfg) -> Path:
+    """ckpt_path=last: the newest run of this run_name with a last.ckpt that this command started, up to
+    trainer.max_epochs (raising it extends a finished run); a run another command started is never taken for it."""
     runs = Path(cfg.paths.log_dir) / cfg.task_name / cfg.run_name
-    found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    found = sorted((p.parents[1] for p in runs.glob("*/checkpoints/last.ckpt")),
+                   key=lambda d: (d / "checkpoints" / "last.ckpt").stat().st_mtime)
     if not found:
         raise VimexpError(f"ckpt_path=last: no last.ckpt under {runs}/*/checkpoints: nothing to resume for "
                           f"run_name={cfg.run_name}")
-    run_dir = found[-1].parents[1]
-    print(f"resuming from {found[-1]}, in its run directory {run_dir}")
-    with open_dict(cfg):  # continue there: its best score, metrics.csv and results.json go on
-        cfg.paths.output_dir = str(run_dir)
-    return str(found[-1])
+    def what(overrides):  # what makes the run, beside how long it trains
+        return sorted(o for o in run_overrides(overrides) if not o.startswith("trainer.max_epochs="))
+    mine = what(None)
+    started = {d: saved_overrides(d) for d in found}
+    same = [d for d in found if started[d] is not None and what(started[d]) == mine]
+    if not same:
+        newest = found[-1]
+        how = (f"resume it with: {resume_command(newest, started[newest])}" if started[newest] is not None
+               else "its .hydra/overrides.yaml is missing: resume it with its own command and hydra.run.dir="
+                    f"{newest}")
+        raise VimexpError(f"ckpt_path=last: no run of run_name={cfg.run_name} under {runs} was started with this "
+                          f"command's overrides; the newest, {newest}, was started with others: {how}")
+    return same[-1]
+
+
+def saved_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides a run directory's run was started with (its .hydra/overrides.yaml), None if it has none."""
+    from omegaconf import OmegaConf
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(saved)) if saved.is_file() else None
+
+
+def move_run_log(new_dir: Path, run_dir: Path) -> None:
+    """ckpt_path=last continues in an older run's directory: this job's log goes on in that run's run.log, and the
+    directory Hydra opened for the job, left holding nothing, is removed."""
+    import logging
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == new_dir.resolve():
+            handler.close()
+            old = Path(handler.baseFilename)
+            handler.baseFilename, handler.mode = str(run_dir.resolve() / old.name), "a"
+            old.unlink(missing_ok=True)
+    if new_dir.is_dir() and not any(new_dir.iterdir()):
+        new_dir.rmdir()
+
+
+def trained_epochs(run_dir: Path) -> int:
+    """The epochs a finished run trained (its results.json), 0 for one that has not finished."""
+    results = run_dir / "results.json"
+    return json.loads(results.read_text()).get("epochs", 0) if results.is_file() else 0
 
 
 def check_resumable(path: str):
@@ -96,7 +144,6 @@ def lost_a_peer(e: Exception, step: int, timeout) -> str | None:
 
 
 def train(cfg) -> dict:
-    started = time.time()
     L.seed_everything(cfg.seed, workers=True)
     finished = Path(cfg.paths.output_dir) / "results.json"
     if cfg.ckpt_path is None and finished.is_file():  # a re-run sweep: this job is done
@@ -104,7 +151,13 @@ def train(cfg) -> dict:
         return {"skipped": True, "output_dir": str(finished.parent)}
     ckpt_path = resolve_ckpt_path(cfg)
     out = Path(cfg.paths.output_dir)
+    if cfg.ckpt_path == "last" and 0 < cfg.trainer.max_epochs <= trained_epochs(out):
+        print(f"already finished: {out / 'results.json'} ({trained_epochs(out)} epochs; skipped; raise "
+              "trainer.max_epochs to train on)")
+        return {"skipped": True, "output_dir": str(out)}
     with run_directory_lock(out):
+        if rank_zero_only.rank == 0:
+            save_run_config(cfg, out)
         task = build_task(cfg)
         if ckpt_path:  # fail now, not after the data is set up, when the checkpoint is another model's
             check_compatible(task, check_resumable(ckpt_path)["state_dict"])
@@ -125,7 +178,7 @@ def train(cfg) -> dict:
                 end_the_run_s_processes()
                 raise VimexpError(lost_a_process(trainer.world_size, lost, out, resume)) from e
             raise
-        record = run_record(cfg, task, trainer, started)
+        record = run_record(cfg, task, trainer, trained=True)
         if trainer.is_global_zero:
             write_json(out / "results.json", record)
             monitor = task.hparams.monitor

@@ -1,5 +1,6 @@
-"""What every task keeps beside its training: the validation history (results.json's best-of-run; it travels in the
-checkpoints so a resumed run still knows it), each epoch's training images/s, and preview images for W&B."""
+"""What every task keeps beside its training: the validation history (results.json's best-of-run) and the run's wall
+time, both travelling in the checkpoints so that a resumed run still knows them; each epoch's training images/s; and
+preview images for W&B."""
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ class RunBookkeeping:
     history: list
     img_per_sec: float | None = None
     _timer: list | None = None
+    _wall: tuple[float, float | None] = (0.0, None)  # (seconds in the run's earlier segments, this one's start)
 
     def log_preview(self, path):
         """Send a validation preview PNG (already written under the run directory) to W&B, if it logs there."""
@@ -22,11 +24,21 @@ class RunBookkeeping:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image("val/preview", [str(path)], step=self.global_step)
 
+    def wall_seconds(self) -> float:
+        """The run's time in fit so far, over every segment of a resumed run."""
+        before, start = self._wall
+        return before + (time.time() - start if start is not None else 0.0)
+
+    def on_fit_start(self):
+        self._wall = (self._wall[0], time.time())
+
     def on_save_checkpoint(self, checkpoint):
         checkpoint["val_history"] = self.history
+        checkpoint["wall_seconds"] = self.wall_seconds()
 
     def on_load_checkpoint(self, checkpoint):
         self.history = checkpoint.get("val_history", [])
+        self._wall = (checkpoint.get("wall_seconds", 0.0), self._wall[1])
 
     def on_train_epoch_start(self):
         self._timer = None
