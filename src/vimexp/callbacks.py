@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 
 from vimexp import VimexpError
+from vimexp.cli import checkpoint_kept
 
 
 class BatchSeed(L.Callback):
@@ -156,8 +157,7 @@ class CheckpointOnSignal(L.Callback):
 
     def _handle(self, signum, frame):
         if self.received == signal.SIGINT and signum == signal.SIGINT:  # not Lightning's KeyboardInterrupt: status 1
-            last = Path(self._trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-            kept = f"{last} holds its last checkpoint" if last.is_file() else "no checkpoint was written yet"
+            kept = checkpoint_kept(Path(self._trainer.default_root_dir))
             raise RunInterrupted(f"stopped at once by a second Ctrl-C at step {self._trainer.global_step}; {kept}; "
                                  f"resume with: {self.resume_command}", signum)
         self.received = signum

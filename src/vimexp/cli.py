@@ -209,9 +209,13 @@ def save_run_config(cfg, out: Path) -> None:
 def lost_a_process(world: int, what: str, out: Path, resume: str) -> str:
     """The one line for a DDP run one of whose processes ended or stopped answering (`what`, e.g. "ended (rank 1,
     killed by SIGKILL)"): what happened, what was kept, how to resume."""
+    return f"another process of this {world}-process run {what}; {checkpoint_kept(out)}; resume with: {resume}"
+
+
+def checkpoint_kept(out: Path) -> str:
+    """What a run stopped before its end leaves to resume from, for its last line."""
     last = out / "checkpoints" / "last.ckpt"
-    kept = f"{last} holds its last checkpoint" if last.is_file() else "no checkpoint was written yet"
-    return f"another process of this {world}-process run {what}; {kept}; resume with: {resume}"
+    return f"{last} holds its last checkpoint" if last.is_file() else "no checkpoint was written yet"
 
 
 def watch_ddp_children(children: list) -> None:

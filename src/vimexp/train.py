@@ -11,7 +11,7 @@ import lightning as L
 from filelock import FileLock, Timeout
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from vimexp import VimexpError
 from vimexp.build import build_datamodule, build_loggers, build_task, build_trainer
@@ -68,7 +68,6 @@ def newest_run_like_this(cfg) -> Path:
 
 def saved_overrides(run_dir: Path) -> list[str] | None:
     """The overrides a run directory's run was started with (its .hydra/overrides.yaml), None if it has none."""
-    from omegaconf import OmegaConf
     saved = run_dir / ".hydra" / "overrides.yaml"
     return list(OmegaConf.load(saved)) if saved.is_file() else None
 
@@ -151,8 +150,8 @@ def train(cfg) -> dict:
         return {"skipped": True, "output_dir": str(finished.parent)}
     ckpt_path = resolve_ckpt_path(cfg)
     out = Path(cfg.paths.output_dir)
-    if cfg.ckpt_path == "last" and 0 < cfg.trainer.max_epochs <= trained_epochs(out):
-        print(f"already finished: {out / 'results.json'} ({trained_epochs(out)} epochs; skipped; raise "
+    if cfg.ckpt_path == "last" and 0 < cfg.trainer.max_epochs <= (done := trained_epochs(out)):
+        print(f"already finished: {out / 'results.json'} ({done} epochs; skipped; raise "
               "trainer.max_epochs to train on)")
         return {"skipped": True, "output_dir": str(out)}
     with run_directory_lock(out):
