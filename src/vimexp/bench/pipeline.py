@@ -70,6 +70,8 @@ def run(cfg) -> dict:
               "logger=csv", *b.train_overrides]
     record = {"environment": {**environment(device), "cpus": os.cpu_count()}, "command": command(),
               "common_overrides": common, "rows": []}
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         spin_up(device, cfg.spinup_s)
     for key, spec in tqdm(b.models.items(), desc="bench", unit="model"):
@@ -80,6 +82,7 @@ def run(cfg) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the step's memory back to the device before the runs start
         row = {"model": key, "step_img_per_sec": step.get("img_per_sec"), "step_status": step["status"], "runs": {}}
+        record["rows"].append(row)
         for name, variant in b.variants.items():
             result = cli_run(Path(b.work) / f"{key}_{name}", [*model, *common, *variant], b.timeout_min)
             if step.get("img_per_sec") and result["epochs_img_per_sec"]:
@@ -88,10 +91,7 @@ def run(cfg) -> dict:
             shares = ", ".join(f"{s:.0%}" for s in result.get("share_of_step", []))
             say(f"{key:8s} {name:10s} {result['status']}: {result['epochs_img_per_sec']} img/s"
                 + (f" ({shares} of the step's {step['img_per_sec']})" if shares else ""))
-        record["rows"].append(row)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", record)
+            write_json(out / "results.json", record)  # after each run: a bench cut short keeps what finished
     print(f"results in {(out / 'results.json').resolve()}")
     if any(r["status"] != "ok" for row in record["rows"] for r in row["runs"].values()):
         raise VimexpError(f"a training run failed: its log is named in {out / 'results.json'}")
