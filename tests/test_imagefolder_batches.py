@@ -102,24 +102,3 @@ def test_erasing_draws_the_boxes_timms_random_erasing_draws():
         mine.append((top, left, h, w) if h else None)
     assert mine == theirs
     assert 0.22 < sum(b is not None for b in mine) / len(mine) < 0.28
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("copy_stream", [True, False])
-def test_the_batch_copy_overlaps_the_step_before_it_only_on_its_own_stream(tiny_data, copy_stream):
-    """data.copy_stream: with a long kernel still running on the compute stream, the batch arrives (its stream done)
-    while the kernel runs; the compute stream then sees the batch's own bytes. On the compute stream the copy waits."""
-    dm = _datamodule(tiny_data, copy_stream=copy_stream)
-    batch = dm.on_before_batch_transfer(default_collate([dm.train_set[(i, 0, (0, 0))] for i in range(16)]), 0)
-    images = batch[0].pin_memory()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # about a second of the compute stream, the step before the batch's
-    moved = dm.transfer_batch_to_device((images, *batch[1:]), torch.device("cuda"), 0)
-    if copy_stream:
-        dm._copy_streams[torch.device("cuda")].synchronize()
-        assert not torch.cuda.current_stream().query()  # the copy finished before the compute stream's kernel did
-    else:
-        assert not dm._copy_streams
-    seen = moved[0].float().sum()  # queued behind the sleep and the copy, on the compute stream
-    assert seen.item() == images.float().sum().item()

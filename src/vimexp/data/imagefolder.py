@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from PIL import Image
 from timm.data import create_transform
 from torchvision.datasets import ImageFolder
@@ -89,7 +88,7 @@ class ImageFolderDataModule(ShardedDataModule):
                  re_mode="pixel", re_count=1, hflip=0.5, scale=(0.08, 1.0), interpolation="bicubic",
                  crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), repeated_aug=True,
                  mixup_group=128, pin_memory=True, val_split="val", seed=0, rand_augment_on="workers",
-                 resize_on="workers", copy_stream=True):
+                 resize_on="workers"):
         super().__init__()
         for name, where in (("rand_augment_on", rand_augment_on), ("resize_on", resize_on)):
             if where not in ("workers", "device"):
@@ -102,7 +101,6 @@ class ImageFolderDataModule(ShardedDataModule):
         self._moments_on = self._erase_generator = None  # made on the batches' device at their first transfer
         self._apply_records = None  # data.rand_augment_on=device's (Triton's kernels: imported only for it)
         self._resize_crops = None  # data.resize_on=device's
-        self._copy_streams = {}  # data.copy_stream's, one a device
 
     def prepare_data(self):  # rank 0 only: make the built-in dataset once
         if self.hparams.generate:
@@ -138,23 +136,6 @@ class ImageFolderDataModule(ShardedDataModule):
             images, boxes, *records = images  # records: data.rand_augment_on=device's
             return images, targets, boxes.tolist(), records[0] if records else None
         return images, targets, None, None
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        """data.copy_stream: the copy on a stream of its own, so that it overlaps the step still running on the
-        compute stream, which waits for it before the batch's first use."""
-        if device.type != "cuda" or not self.hparams.copy_stream:
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        compute = torch.cuda.current_stream(device)
-        if device not in self._copy_streams:
-            self._copy_streams[device] = torch.cuda.Stream(device)
-        copy = self._copy_streams[device]
-        with torch.cuda.stream(copy):
-            moved = super().transfer_batch_to_device(batch, device, dataloader_idx)
-        compute.wait_stream(copy)
-        # allocated on the copy stream, used on the compute one: the allocator must not hand them back to the copy
-        # stream before the compute stream is done with them
-        apply_to_collection(moved, torch.Tensor, lambda t: t.record_stream(compute) if t.is_cuda else None)
-        return moved
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         images, targets, boxes, records = batch
