@@ -295,6 +295,31 @@ def preflight(config_name: str, argv: list[str]):
     groups = [g for g, _ in command_groups(config_name)]
     for key in (k for k, _ in pairs if "/" not in k and not is_group(k)):  # a/b: Hydra's groups
         _check_key(cfg, key, groups)
+    if any(a in ("-m", "--multirun") for a in argv):
+        check_sweep_jobs(config_name, [a for a in argv if "=" in a and not a.startswith(("-", "hydra."))])
+
+
+def check_sweep_jobs(config_name: str, overrides: list[str]):
+    """Every job of a -m sweep gets check_values before the first starts: a bad value in the last job must not wait
+    for the others to train."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # Hydra's own expansion into jobs
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    jobs = [job for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+            for job in batch]
+    key = lambda o: o.split("=", 1)[0].lstrip("+~")  # noqa: E731
+    swept = {key(o) for o in overrides if any(c in o.split("=", 1)[1] for c in ",(")}
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for n, job in enumerate(jobs, 1):
+            try:
+                cfg = compose(config_name, overrides=job)
+            except Exception:  # what Hydra itself refuses, it reports in its own words when it starts
+                return
+            try:
+                check_values(cfg)
+            except VimexpError as e:
+                which = " ".join(o for o in job if key(o) in swept) or " ".join(job)
+                raise VimexpError(f"job {n} of {len(jobs)} ({which}): {e}; no job was started") from None
 
 
 def _check_key(cfg, key: str, groups: list[str]):
