@@ -66,9 +66,10 @@ def stage_ms_per_image(dataset, images: int) -> dict[str, float]:
     return {name: round(1e3 * t / images, 3) for name, t in totals.items()}
 
 
-def device_ms_per_batch(data, batch, repeats: int = 20) -> tuple[float, float]:
-    """One batch's transfer hooks, in milliseconds: the host's time to enqueue them and the device's to run them
-    (CUDA events), after a warm-up."""
+def device_ms_per_batch(data, batch, repeats: int = 20) -> tuple[float, float, float]:
+    """One batch's transfer hooks, in milliseconds: the host's time to enqueue them, the device's from the first to
+    the last (CUDA events; no less than the host's where launching bounds it), and the device's kernels and copies
+    alone (torch.profiler): what they add to a training step queued before them."""
     def once():
         moved = data.transfer_batch_to_device(data.on_before_batch_transfer(batch, 0), torch.device("cuda"), 0)
         data.on_after_batch_transfer(moved, 0)
@@ -82,7 +83,12 @@ def device_ms_per_batch(data, batch, repeats: int = 20) -> tuple[float, float]:
     end.record()
     host = time.perf_counter() - host
     torch.cuda.synchronize()
-    return 1e3 * host / repeats, start.elapsed_time(end) / repeats
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            once()
+        torch.cuda.synchronize()
+    kernels_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return 1e3 * host / repeats, start.elapsed_time(end) / repeats, kernels_us / 1e3 / repeats
 
 
 def run(cfg) -> dict:
@@ -91,7 +97,8 @@ def run(cfg) -> dict:
     if not any(o.startswith("data.root=") for o in overrides):
         root = ensure_photo_folder(b.root, **b.generate)
         overrides += [f"data.root={root}", f"data.num_classes={b.generate.classes}"]
-    record = {"environment": {**environment(torch.device("cpu")), "cpus": os.cpu_count()}, "command": command(),
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the host's; the GPU's for the hooks
+    record = {"environment": {**environment(device), "cpus": os.cpu_count()}, "command": command(),
               "batch": b.batch, "rounds": b.rounds, "train_overrides": overrides, "rows": []}
     for workers in tqdm(b.workers, desc="bench", unit="config"):
         data = instantiate(compose_train([*overrides, f"data.batch_size={b.batch}", f"data.num_workers={workers}",
@@ -104,8 +111,9 @@ def run(cfg) -> dict:
         if "stage_ms_per_image" not in record:  # the same for every worker count
             record["stage_ms_per_image"] = stage_ms_per_image(data.train_set, b.stage_images)
         if torch.cuda.is_available():
-            host, device = device_ms_per_batch(data, next(iter(loader)))
-            row.update(hooks_host_ms_per_batch=round(host, 3), hooks_device_ms_per_batch=round(device, 3))
+            host, device, kernels = device_ms_per_batch(data, next(iter(loader)))
+            row.update(hooks_host_ms_per_batch=round(host, 3), hooks_device_ms_per_batch=round(device, 3),
+                       hooks_kernels_ms_per_batch=round(kernels, 3))
         record["rows"].append(row)
         say(f"{workers:3d} workers: {rate:8.1f} img/s" + (f", {rate / workers:6.1f} a worker" if workers else ""))
     out = Path(cfg.out_dir)
