@@ -295,22 +295,30 @@ def preflight(config_name: str, argv: list[str]):
     groups = [g for g, _ in command_groups(config_name)]
     for key in (k for k, _ in pairs if "/" not in k and not is_group(k)):  # a/b: Hydra's groups
         _check_key(cfg, key, groups)
-    if any(a in ("-m", "--multirun") for a in argv):
-        check_sweep_jobs(config_name, [a for a in argv if "=" in a and not a.startswith(("-", "hydra."))])
+    if is_multirun(argv):
+        check_sweep_jobs(config_name, [a for a in argv if ("=" in a or a.startswith("~"))
+                                       and not a.startswith(("-", "hydra."))])
+
+
+def is_multirun(argv: list[str]) -> bool:
+    """-m, or a launcher (conf/launcher/: they submit as a multirun even without -m)."""
+    return any(a in ("-m", "--multirun") or (a.startswith("launcher=") and a != "launcher=null") for a in argv)
 
 
 def check_sweep_jobs(config_name: str, overrides: list[str]):
-    """Every job of a -m sweep gets check_values before the first starts: a bad value in the last job must not wait
-    for the others to train."""
+    """Every job of a sweep gets check_values before the first starts: a bad value in the last job must not wait for
+    the others to train. Jobs numbered as Hydra numbers them (#0 first)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # Hydra's own expansion into jobs
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    jobs = [job for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
-            for job in batch]
-    key = lambda o: o.split("=", 1)[0].lstrip("+~")  # noqa: E731
-    swept = {key(o) for o in overrides if any(c in o.split("=", 1)[1] for c in ",(")}
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception:  # sweep syntax Hydra refuses (or its basic sweeper can't expand): Hydra says so when it starts
+        return
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for n, job in enumerate(jobs, 1):
+        for n, job in enumerate(jobs):
             try:
                 cfg = compose(config_name, overrides=job)
             except Exception:  # what Hydra itself refuses, it reports in its own words when it starts
@@ -318,8 +326,8 @@ def check_sweep_jobs(config_name: str, overrides: list[str]):
             try:
                 check_values(cfg)
             except VimexpError as e:
-                which = " ".join(o for o in job if key(o) in swept) or " ".join(job)
-                raise VimexpError(f"job {n} of {len(jobs)} ({which}): {e}; no job was started") from None
+                which = " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in swept) or " ".join(job)
+                raise VimexpError(f"sweep job #{n} of {len(jobs)} ({which}): {e}; no job was started") from None
 
 
 def _check_key(cfg, key: str, groups: list[str]):
@@ -490,7 +498,7 @@ def cli(run_fn, config_name: str):
             return run_fn(cfg)
 
     setup()
-    if any(a in ("-m", "--multirun") or a.startswith("launcher=") for a in sys.argv[1:]) and \
+    if is_multirun(sys.argv[1:]) and \
             not any(a.startswith("sweep_id=") for a in sys.argv[1:]):
         sys.argv.append(f"sweep_id={sweep_id(sys.argv[1:])}")  # an override: pickled with each job, requeues too
     with one_line_errors():

@@ -92,6 +92,7 @@ def run(cfg) -> dict:
             say(f"{key:8s} {name:10s} {result['status']}: {result['epochs_img_per_sec']} img/s"
                 + (f" ({shares} of the step's {step['img_per_sec']})" if shares else ""))
             write_json(out / "results.json", record)  # after each run: a bench cut short keeps what finished
+    write_json(out / "results.json", record)  # the steps alone too, where bench.variants is empty
     print(f"results in {(out / 'results.json').resolve()}")
     if any(r["status"] != "ok" for row in record["rows"] for r in row["runs"].values()):
         raise VimexpError(f"a training run failed: its log is named in {out / 'results.json'}")
