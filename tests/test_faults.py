@@ -234,8 +234,9 @@ def test_bad_values_fail_in_one_line_before_any_data(override, message, tmp_path
 def test_a_bad_value_in_a_later_sweep_job_is_refused_before_the_first_job_starts(tmp_path):
     run = run_cli("train", "-m", "seed=0,1", "data.batch_size=16,-4", "logger=csv", cwd=tmp_path)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1] == ("error: sweep job #1 of 4 (seed=0 data.batch_size=-4): data.batch_size=-4 "
-                                                   "must be a positive whole number; no job was started"), run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: sweep job #1 of 4 (seed=0 data.batch_size=-4): data.batch_size=-4 must be a positive whole number; "
+        "no job was started"), run.stderr
     assert not (tmp_path / "data").exists() and not list(tmp_path.glob("logs/**/.hydra"))
 
 

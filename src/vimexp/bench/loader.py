@@ -111,8 +111,8 @@ def run(cfg) -> dict:
         if "stage_ms_per_image" not in record:  # the same for every worker count
             record["stage_ms_per_image"] = stage_ms_per_image(data.train_set, b.stage_images)
         if torch.cuda.is_available():
-            host, device, kernels = device_ms_per_batch(data, next(iter(loader)))
-            row.update(hooks_host_ms_per_batch=round(host, 3), hooks_device_ms_per_batch=round(device, 3),
+            host, events, kernels = device_ms_per_batch(data, next(iter(loader)))
+            row.update(hooks_host_ms_per_batch=round(host, 3), hooks_device_ms_per_batch=round(events, 3),
                        hooks_kernels_ms_per_batch=round(kernels, 3))
         record["rows"].append(row)
         say(f"{workers:3d} workers: {rate:8.1f} img/s" + (f", {rate / workers:6.1f} a worker" if workers else ""))
