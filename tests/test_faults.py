@@ -279,6 +279,20 @@ def test_a_read_only_log_directory_fails_in_one_line(tmp_path):
         "set paths.log_dir=... (or VIMEXP_ROOT) to a writable place")
 
 
+@pytest.mark.parametrize("args", [["hydra.run.dir={}"], ["-m", "seed=0,1", "hydra.sweep.dir={}"]])
+def test_a_run_directory_that_cannot_be_made_fails_in_one_line(args, tmp_path):
+    """hydra.run.dir / hydra.sweep.dir under a file (or a read-only place): Hydra makes it before any job code runs,
+    so it is checked first."""
+    (tmp_path / "a_file").write_text("")
+    where = tmp_path / "a_file" / "run"
+    run = run_cli("train", *(a.format(where) for a in args), "logger=csv", cwd=tmp_path)
+    assert run.returncode == 2
+    key = args[-1].split("=")[0]
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: can't make run directories at {where}: {tmp_path / 'a_file'} is a file, not a directory; "
+        f"set {key}=... to a writable place"), run.stderr
+
+
 def test_a_second_ctrl_c_stops_at_once_with_the_resume_command(tmp_path):
     """CheckpointOnSignal's handler, as the OS calls it: the first Ctrl-C is noted (the step finishes and writes a
     checkpoint), a second one stops the run where it is with status 130, naming the checkpoint kept and the resume

@@ -280,24 +280,35 @@ def check_choices(argv: list[str]):
 
 def preflight(config_name: str, argv: list[str]):
     """Before Hydra starts: a key that isn't in the config fails in one line naming the nearest one (Hydra's own hint,
-    to add it with +, leads to a traceback later), and so does a log directory that can't be written. Composes the
-    config once with the command line's group choices and paths."""
+    to add it with +, leads to a traceback later), and so do a log or run directory that can't be made and, under
+    a sweep, any job's bad value. Composes the config once with the command line's group choices and paths."""
     from hydra import compose, initialize_config_dir
     pairs = [a.split("=", 1) for a in argv if "=" in a and not a.startswith(("+", "~", "-", "hydra."))]
     choices = [f"{k}={v.split(',')[0]}" for k, v in pairs if is_group(k) or k.startswith("paths.")]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=choices)
-    log_dir = Path(cfg.paths.log_dir).absolute()
-    existing = next(p for p in (log_dir, *log_dir.parents) if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise VimexpError(f"can't write run directories under {log_dir}: {existing} is read-only or not writable; set "
-                          "paths.log_dir=... (or VIMEXP_ROOT) to a writable place")
+    check_writable(Path(cfg.paths.log_dir), "paths.log_dir=... (or VIMEXP_ROOT)")
+    for key, _, value in (a.partition("=") for a in argv):  # Hydra makes these before any job code runs
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "$" not in value:
+            check_writable(Path(value), f"{key}=...")
     groups = [g for g, _ in command_groups(config_name)]
     for key in (k for k, _ in pairs if "/" not in k and not is_group(k)):  # a/b: Hydra's groups
         _check_key(cfg, key, groups)
     if is_multirun(argv):
         check_sweep_jobs(config_name, [a for a in argv if ("=" in a or a.startswith("~"))
                                        and not a.startswith(("-", "hydra."))])
+
+
+def check_writable(path: Path, setting: str):
+    """Directories can be made at `path`: its nearest existing ancestor is a writable directory."""
+    path = path.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise VimexpError(f"can't make run directories at {path}: {existing} is a file, not a directory; set {setting} "
+                          "to a writable place")
+    if not os.access(existing, os.W_OK):
+        raise VimexpError(f"can't write run directories under {path}: {existing} is read-only or not writable; set "
+                          f"{setting} to a writable place")
 
 
 def is_multirun(argv: list[str]) -> bool:
